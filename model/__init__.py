@@ -1,0 +1,1 @@
+"""ONNX Runtime predictor, model metadata checks and the bundled models (``model/zoo/``)."""

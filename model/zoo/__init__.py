@@ -1,0 +1,1 @@
+"""defectscope.model.zoo"""

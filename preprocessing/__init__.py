@@ -1,0 +1,1 @@
+"""Loaders, beamline geometry, orthonormalisation and the preparation pipeline (transport-free)."""

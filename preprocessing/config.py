@@ -1,0 +1,132 @@
+"""The one source of preprocessing parameters: a frozen, versioned ``PipelineConfig``.
+
+Training writes it into the ONNX file (``defectscope.pipeline`` metadata); serving reads it back from
+there, so the data a model was trained on and the data it is served are prepared by the same numbers.
+
+Older schema versions are patched forward one step at a time (``_PATCHES``); a version newer than this
+code knows is refused, because silently ignoring new fields would change the preparation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from defectscope.errors import BadMessage
+
+SCHEMA_VERSION = 1
+
+INTENSITY_TRANSFORMS = ("none", "sqrt", "log1p")
+NORMALISATIONS = ("max", "sum", "none")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Parameters of validate → mask → crop/pad → resample → centre → transform → normalise (SPEC §2)."""
+
+    schema_version: int = SCHEMA_VERSION
+    # Model input: one map of this shape, float32, canonical frame (axis 0 along Q).
+    shape: tuple[int, int, int] = (64, 64, 64)
+    # Peak finding: the maximum after a median filter of this size (an isolated hot voxel or a
+    # one-voxel alien cannot win), then centre-of-mass refinement in a box of this half-width.
+    peak_median_size: int = 3
+    peak_com_halfwidth: int = 4
+    # Oversampling ratio (per axis, real-space field of view / object size). Maps outside this range
+    # are resampled isotropically to the nearest bound; None disables resampling.
+    oversampling_range: tuple[float, float] | None = (2.0, 4.0)
+    # Fraction of the autocorrelation maximum that delimits its support for the oversampling estimate.
+    oversampling_threshold: float = 0.02
+    # Intensity transform applied after centring, then normalisation.
+    intensity_transform: str = "none"
+    normalisation: str = "max"
+    # Signal checks on the raw map: below min_peak_counts the request fails with LOW_SIGNAL,
+    # below low_counts_peak it is classified with a LOW_COUNTS warning.
+    min_peak_counts: float = 10.0
+    low_counts_peak: float = 1000.0
+    # A peak closer than this to a face of the input map raises PEAK_NEAR_EDGE.
+    edge_margin: int = 8
+
+    def __post_init__(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise BadMessage(
+                f"pipeline config schema_version {self.schema_version!r} is not supported "
+                f"(this defectscope reads versions up to {SCHEMA_VERSION})"
+            )
+        if len(self.shape) != 3 or any(int(n) < 8 for n in self.shape):
+            raise BadMessage(f"pipeline shape must be three sizes >= 8, got {self.shape!r}")
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        if self.oversampling_range is not None:
+            lo, hi = (float(v) for v in self.oversampling_range)
+            if not 1.0 <= lo <= hi:
+                raise BadMessage(f"oversampling_range must satisfy 1 <= low <= high, got {self.oversampling_range!r}")
+            object.__setattr__(self, "oversampling_range", (lo, hi))
+        if self.intensity_transform not in INTENSITY_TRANSFORMS:
+            raise BadMessage(f"intensity_transform must be one of {INTENSITY_TRANSFORMS}, got {self.intensity_transform!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise BadMessage(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+
+    # JSON round trip ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        if self.oversampling_range is not None:
+            d["oversampling_range"] = list(self.oversampling_range)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        if not isinstance(d, dict):
+            raise BadMessage("pipeline config must be a JSON object")
+        version = d.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadMessage("pipeline config has no integer schema_version")
+        if version > SCHEMA_VERSION or version < 1:
+            raise BadMessage(
+                f"pipeline config schema_version {version} is not supported "
+                f"(this defectscope reads versions 1 to {SCHEMA_VERSION})"
+            )
+        d = dict(d)
+        while d["schema_version"] < SCHEMA_VERSION:
+            d = _PATCHES[d["schema_version"]](d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BadMessage(f"pipeline config has unknown fields {unknown}")
+        if d.get("shape") is not None:
+            d["shape"] = tuple(d["shape"])
+        if d.get("oversampling_range") is not None:
+            d["oversampling_range"] = tuple(d["oversampling_range"])
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise BadMessage(f"pipeline config is malformed: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "PipelineConfig":
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadMessage(f"pipeline config is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+
+# schema_version N -> N+1 patches; empty while only version 1 exists.
+_PATCHES: dict = {}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes a request may claim, checked against the header before anything is allocated."""
+
+    max_message_bytes: int = 512 * 1024 * 1024
+    max_map_voxels: int = 256**3
+    max_batch: int = 64
+    max_scan_frames: int = 2048
+    max_frame_pixels: int = 2048 * 2048
+    max_scan_voxels: int = 2048 * 512 * 512
+    allowed_dtypes: tuple[str, ...] = ("<f4", "<f8", "<u2", "<u4", "<i4")
+    queue_length: int = 16

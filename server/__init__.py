@@ -1,0 +1,1 @@
+"""ZeroMQ server, wire protocol, client library, Tango device and CLI: thin adapters over the core."""

@@ -1,0 +1,1 @@
+"""defectscope.training"""
