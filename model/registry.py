@@ -1,0 +1,29 @@
+"""Where models come from: a path, or the name of a bundled model in ``model/zoo/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from defectscope.errors import ModelUnavailable
+
+ZOO = Path(__file__).resolve().parent / "zoo"
+DEFAULT_MODEL = "defectscope-3class"
+
+
+def bundled_models() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(ZOO.glob("*.onnx"))}
+
+
+def resolve_model(name_or_path: str | Path | None = None) -> Path:
+    """A model file path from a path or a bundled name (default: the bundled 3-class model)."""
+    name = str(name_or_path) if name_or_path else DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.suffix == ".onnx" or path.exists():
+        if not path.is_file():
+            raise ModelUnavailable(f"model file {name!r} does not exist")
+        return path
+    zoo = bundled_models()
+    if name in zoo:
+        return zoo[name]
+    have = ", ".join(zoo) or "none yet"
+    raise ModelUnavailable(f"no model {name!r}: give a .onnx path or a bundled name (bundled: {have})")

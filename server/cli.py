@@ -1,0 +1,223 @@
+"""``defectscope`` command line (SPEC §6). Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from defectscope import __version__
+from defectscope.errors import DefectscopeError
+
+EXIT_ERROR = 1
+
+
+def _fail(message: str) -> int:
+    print(f"defectscope: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# -- serve -------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+    from defectscope.preprocessing.config import Limits
+    from defectscope.server.core import Classifier
+    from defectscope.server.zmq_server import Server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    predictor = Predictor(resolve_model(args.model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
+                          intra_op_threads=args.threads)
+    limits = Limits(queue_length=args.queue)
+    classifier = Classifier(predictor, limits=limits, data_root=args.data_root)
+    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s)
+    server.start()
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    # The readiness line: scripts and tests wait for it (it names the real port when binding to :*).
+    ident = predictor.describe()
+    print(f"defectscope serving on {server.endpoint} model={ident['name']}:{ident['version']} "
+          f"provider={predictor.provider}", flush=True)
+    while not stopping.wait(0.5):
+        pass
+    server.stop(drain=True)
+    print("defectscope stopped", flush=True)
+    return 0
+
+
+# -- classify ----------------------------------------------------------------------------------------
+def _load_input(args):
+    """(kind, payload): ('map', array) or ('scan', (frames, geometry_dict, mask))."""
+    from defectscope.preprocessing import loaders
+
+    path = Path(args.input)
+    if args.preset or args.geometry or args.spec:
+        from defectscope.preprocessing import scans
+
+        geometry = {}
+        if args.geometry:
+            try:
+                geometry = json.loads(Path(args.geometry).read_text())
+            except (OSError, ValueError) as exc:
+                raise DefectscopeError(f"cannot read geometry file {args.geometry!r}: {exc}") from None
+        if args.preset:
+            geometry["preset"] = args.preset
+        if args.spec:
+            frames, geom, mask = scans.load_spec_tiff_scan(args.spec, args.scan, path, preset=geometry.get("preset", "aps-34idc"),
+                                                           dark=args.dark, whitefield=args.whitefield)
+            geom = geom.to_dict() if hasattr(geom, "to_dict") else dict(geom)
+            geom.update({k: v for k, v in geometry.items() if k != "preset"})
+            return "scan", (frames, geom, mask)
+        frames, _, mask = scans.load_hdf5_scan(path, args.dataset, mask_dataset=args.mask_dataset)
+        return "scan", (frames, geometry, mask)
+    return "map", loaders.load_map(path, args.dataset)
+
+
+def cmd_classify(args) -> int:
+    import numpy as np
+
+    kind, payload = _load_input(args)
+    axes = args.axes.split(",") if args.axes else ["q_par", "q_perp1", "q_perp2"]
+    if args.server:
+        from defectscope.server.client import Client
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            if kind == "map":
+                reply = client.classify(payload, axes=axes, return_prepared=bool(args.plot))
+            else:
+                frames, geometry, mask = payload
+                reply = client.classify_scan(frames, geometry, mask=mask, return_prepared=bool(args.plot))
+        prepared = reply.pop("prepared", None)
+    else:
+        from defectscope.model.predictor import Predictor
+        from defectscope.model.registry import resolve_model
+        from defectscope.server.core import Classifier
+        from defectscope.server.protocol import Request
+
+        classifier = Classifier(Predictor(resolve_model(args.model), provider=args.provider))
+        if kind == "map":
+            request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="map",
+                              array=np.asarray(payload), spec={"axes": axes},
+                              options={"return_prepared": bool(args.plot)})
+        else:
+            frames, geometry, mask = payload
+            request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="scan",
+                              array=np.asarray(frames), mask=mask, spec={"geometry": geometry},
+                              options={"return_prepared": bool(args.plot)})
+        outcome = classifier.classify(request)
+        reply = outcome.reply
+        prepared = np.frombuffer(outcome.frames[0], "<f4").reshape(reply.pop("prepared")["shape"]) if args.plot else None
+    if args.plot and prepared is not None:
+        from defectscope.server.plots import plot_prepared
+
+        plot_prepared(np.asarray(prepared), reply, args.plot, title=Path(args.input).name)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        probs = ", ".join(f"{c}={p:.3f}" for c, p in zip(reply["classes"], reply["probabilities"]))
+        print(f"{args.input}: {reply['label']}  ({probs})  {reply['timings_ms']['total']:.1f} ms on {reply['provider']}")
+        for w in reply.get("warnings", []):
+            print(f"  warning {w['reason']}: {w['message']}")
+    return 0
+
+
+# -- info / health -----------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    if args.server:
+        from defectscope.server.client import Client
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            info = client.info()
+    else:
+        from defectscope.model.predictor import Predictor
+        from defectscope.model.registry import resolve_model
+        from defectscope.server.core import Classifier
+
+        info = Classifier(Predictor(resolve_model(args.model), provider=args.provider)).info()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_health(args) -> int:
+    from defectscope.server.client import Client
+
+    with Client(args.server, timeout_s=args.timeout, retries=0) as client:
+        print(json.dumps(client.health(), indent=2))
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectscope", description="Defect classification of BCDI patterns")
+    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_opts(p):
+        p.add_argument("--model", help="ONNX model file or bundled model name (default: defectscope-3class)")
+        p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = sub.add_parser("serve", help="run the ZeroMQ server")
+    model_opts(p)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (tcp://127.0.0.1:* picks a free port)")
+    p.add_argument("--data-root", help="directory that 'file' requests may read (off when absent)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")
+    p.add_argument("--drain-s", type=float, default=10.0, help="seconds to finish queued work on SIGTERM")
+    p.add_argument("--on-missing-cuda", choices=("degrade", "refuse"), default="degrade",
+                   help="with --provider cuda and no GPU: serve on CPU (degraded) or refuse to start")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("classify", help="classify a map or a raw scan, locally or through a server")
+    model_opts(p)
+    p.add_argument("input", help="map file (.h5/.cxi/.nxs/.npy/.npz/.tif) or raw scan (file, or frames directory with --spec)")
+    p.add_argument("--dataset", help="HDF5 dataset path or .npz key")
+    p.add_argument("--axes", help="axis names of the map, comma separated (default q_par,q_perp1,q_perp2)")
+    p.add_argument("--geometry", help="JSON file with the beamline geometry of a raw scan")
+    p.add_argument("--preset", help="beamline geometry preset of a raw scan (aps-34idc, esrf-id01, petra-p10, soleil-sixs)")
+    p.add_argument("--spec", help="SPEC file of a TIFF-frame scan (34-ID-C); INPUT is then the frames directory")
+    p.add_argument("--scan", type=int, help="scan number in the SPEC file")
+    p.add_argument("--dark", help="dark-field TIFF (pixels with dark > 1 are masked)")
+    p.add_argument("--whitefield", help="white-field TIFF")
+    p.add_argument("--mask-dataset", help="HDF5 dataset of the detector mask of a raw scan")
+    p.add_argument("--server", help="classify through a running server, e.g. tcp://127.0.0.1:5557")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--plot", help="write a PNG of three log-scale slices of the prepared map")
+    p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("info", help="model card, pipeline and provider (of a model file or a server)")
+    model_opts(p)
+    p.add_argument("--server")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("health", help="state, queue and latency of a running server")
+    p.add_argument("--server", required=True)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DefectscopeError as exc:
+        return _fail(f"{exc.reason}: {exc.message}")
+    except TimeoutError as exc:
+        return _fail(str(exc))
+    except (OSError, ValueError) as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

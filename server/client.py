@@ -1,0 +1,176 @@
+"""Python client for ``defectscope/1``.
+
+>>> from defectscope.server.client import Client
+>>> with Client("tcp://127.0.0.1:5557") as client:
+...     reply = client.classify(volume, axes=["q_par", "q_perp1", "q_perp2"])
+...     reply["label"], reply["probabilities"]
+
+A DEALER socket that sends the empty delimiter REQ would (SPEC §4), so one client can retry a request
+after a timeout without the REQ lock-step: a retry re-sends the same ``request_id``, and replies to an
+earlier attempt, if they arrive late, are recognised by that id and not mistaken for the answer to the
+next request. An error reply raises the ``defectscope.errors`` class of its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from defectscope import PROTOCOL
+from defectscope.errors import from_reason
+from defectscope.server.protocol import DTYPE_ALIASES
+
+CANONICAL_AXES = ("q_par", "q_perp1", "q_perp2")
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5557",
+        *,
+        timeout_s: float = 10.0,
+        retries: int = 2,
+        context: zmq.Context | None = None,
+        curve: dict | None = None,
+    ):
+        """``curve``: {"server_public": bytes, "public": bytes, "secret": bytes} for CURVE endpoints."""
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._ctx = context or zmq.Context.instance()
+        self._curve = curve
+        self._socket = None
+        self._connect()
+
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._curve:
+            sock.curve_serverkey = self._curve["server_public"]
+            sock.curve_publickey = self._curve["public"]
+            sock.curve_secretkey = self._curve["secret"]
+        sock.connect(self.endpoint)
+        self._socket = sock
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- transport --------------------------------------------------------------------------------
+    def request(self, header: dict, buffers: Sequence = (), *, raise_on_error: bool = True,
+                timeout_s: float | None = None) -> tuple[dict, list[bytes]]:
+        """Send one request (with retries) and return ``(reply, extra_frames)``."""
+        header = {"protocol": PROTOCOL, **header}
+        header.setdefault("request_id", uuid.uuid4().hex)
+        rid = header["request_id"]
+        frames = [b"", json.dumps(header).encode("utf-8"), *buffers]
+        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        for attempt in range(self.retries + 1):
+            self._socket.send_multipart(frames, copy=False)
+            deadline = time.monotonic() + timeout_ms / 1000
+            while True:
+                left = int(1000 * (deadline - time.monotonic()))
+                if left <= 0 or not self._socket.poll(left, zmq.POLLIN):
+                    break
+                parts = self._socket.recv_multipart()
+                if parts and parts[0] == b"":
+                    parts = parts[1:]
+                try:
+                    reply = json.loads(parts[0])
+                except (IndexError, ValueError):
+                    continue
+                if reply.get("request_id") != rid:
+                    continue  # a late answer to an earlier request
+                if raise_on_error and not reply.get("ok", False):
+                    err = reply.get("error") or {}
+                    raise from_reason(err.get("reason", "INTERNAL"), err.get("message", "no message"))
+                return reply, parts[1:]
+        raise TimeoutError(f"no reply from {self.endpoint} to request {rid} after {self.retries + 1} attempts "
+                           f"of {timeout_ms / 1000:g} s")
+
+    # -- conveniences -----------------------------------------------------------------------------
+    def info(self) -> dict:
+        return self.request({"op": "info"})[0]
+
+    def health(self) -> dict:
+        return self.request({"op": "health"})[0]
+
+    def classify(self, volume: np.ndarray, axes: Sequence[str] = CANONICAL_AXES, *, voxel_size=None,
+                 q_direction=None, request_id: str | None = None, return_prepared: bool = False,
+                 raise_on_error: bool = True) -> dict:
+        """Classify one map ``[n0,n1,n2]`` or a batch ``[B,n0,n1,n2]``; adds ``prepared`` array if asked."""
+        volume = _wire_array(volume)
+        spec = {"kind": "map", "shape": list(volume.shape), "dtype": volume.dtype.str, "axes": list(axes)}
+        if voxel_size is not None:
+            spec["voxel_size"] = [float(v) for v in voxel_size]
+        if q_direction is not None:
+            spec["q_direction"] = [float(v) for v in q_direction]
+        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}}
+        if request_id:
+            header["request_id"] = request_id
+        reply, extra = self.request(header, [memoryview(volume).cast("B")], raise_on_error=raise_on_error)
+        return _attach_prepared(reply, extra)
+
+    def classify_scan(self, frames, geometry: dict, *, mask: np.ndarray | None = None, per_frame: bool = True,
+                      request_id: str | None = None, return_prepared: bool = False,
+                      raise_on_error: bool = True) -> dict:
+        """Classify a raw rocking scan ``[n_frames, rows, cols]`` (or a list of frames) with its geometry."""
+        if isinstance(frames, np.ndarray):
+            stack = _wire_array(frames)
+            parts = [memoryview(np.ascontiguousarray(f)).cast("B") for f in stack] if per_frame else [memoryview(stack).cast("B")]
+            shape, dtype = stack.shape, stack.dtype
+        else:
+            frames = [_wire_array(f) for f in frames]
+            parts = [memoryview(f).cast("B") for f in frames]
+            shape, dtype = (len(frames), *frames[0].shape), frames[0].dtype
+        spec = {"kind": "scan", "shape": list(shape), "dtype": dtype.str, "geometry": geometry}
+        if mask is not None:
+            m = np.ascontiguousarray(mask, dtype=np.uint8)
+            spec["mask"] = {"shape": list(m.shape), "dtype": "|u1"}
+            parts.append(memoryview(m).cast("B"))
+        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}}
+        if request_id:
+            header["request_id"] = request_id
+        reply, extra = self.request(header, parts, raise_on_error=raise_on_error)
+        return _attach_prepared(reply, extra)
+
+    def classify_file(self, path: str, dataset: str | None = None, *, geometry: dict | None = None,
+                      axes: Sequence[str] | None = None, request_id: str | None = None) -> dict:
+        spec = {"kind": "file", "path": str(path)}
+        if dataset:
+            spec["dataset"] = dataset
+        if geometry:
+            spec["geometry"] = geometry
+        if axes:
+            spec["axes"] = list(axes)
+        header = {"op": "classify", "input": spec}
+        if request_id:
+            header["request_id"] = request_id
+        return self.request(header)[0]
+
+
+def _wire_array(a) -> np.ndarray:
+    """C-ordered little-endian array in a dtype the protocol allows (other floats go as float32)."""
+    a = np.asarray(a)
+    if a.dtype.newbyteorder("<").str not in DTYPE_ALIASES.values():
+        a = a.astype("<f4")
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def _attach_prepared(reply: dict, extra: list[bytes]) -> dict:
+    if "prepared" in reply and extra:
+        desc = reply["prepared"]
+        reply["prepared"] = np.frombuffer(extra[0], dtype=desc["dtype"]).reshape(desc["shape"])
+    return reply

@@ -1,0 +1,228 @@
+"""The transport-free core: a request in, a reply out (pyFAI ``Worker`` style).
+
+The ZeroMQ server, the Tango device and the local CLI all call ``Classifier``; none of them prepares or
+predicts on its own, so the same map gives the same probabilities whichever door it came in by.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from defectscope import PROTOCOL, __version__
+from defectscope.errors import BadMessage, DefectscopeError, Internal, PathNotAllowed
+from defectscope.model.predictor import Predictor
+from defectscope.preprocessing.config import Limits
+from defectscope.server.protocol import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """A reply header and the extra frames that follow it (the prepared maps, when asked for)."""
+
+    reply: dict
+    frames: list = field(default_factory=list)
+
+
+class Stats:
+    """Counters and a window of recent latencies, for ``health`` and the Tango attributes."""
+
+    def __init__(self, window: int = 1000):
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests_total = 0
+        self.requests_failed = 0
+        self.failures_by_reason: collections.Counter = collections.Counter()
+        self._latencies = collections.deque(maxlen=window)
+
+    def record(self, ok: bool, total_ms: float | None = None, reason: str | None = None) -> None:
+        with self._lock:
+            self.requests_total += 1
+            if ok and total_ms is not None:
+                self._latencies.append(total_ms)
+            if not ok:
+                self.requests_failed += 1
+                self.failures_by_reason[reason or "INTERNAL"] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            lat = np.array(self._latencies, dtype=float)
+            pct = {f"p{p}": round(float(np.percentile(lat, p)), 3) for p in (50, 90, 99)} if lat.size else {}
+            return {
+                "uptime_s": round(time.time() - self.started, 3),
+                "requests_total": self.requests_total,
+                "requests_failed": self.requests_failed,
+                "failures_by_reason": dict(self.failures_by_reason),
+                "latency_ms": {**pct, "window": int(lat.size)},
+            }
+
+
+def resolve_data_path(root: Path | None, path: str) -> Path:
+    """The real path of ``path`` under ``root``; no ``..``, absolute escape or symlink escape."""
+    if root is None:
+        raise PathNotAllowed("file input is disabled on this server (no data root configured)")
+    root = Path(root).resolve()
+    if "\x00" in path:
+        raise PathNotAllowed("path contains a NUL byte")
+    candidate = Path(path)
+    if candidate.is_absolute():
+        full = candidate
+    else:
+        if ".." in candidate.parts:
+            raise PathNotAllowed(f"path {path!r} climbs out with '..'")
+        full = root / candidate
+    real = Path(os.path.realpath(full))
+    if real != root and root not in real.parents:
+        raise PathNotAllowed(f"path {path!r} resolves outside the data root")
+    if not real.is_file():
+        raise PathNotAllowed(f"path {path!r} is not a file under the data root")
+    return real
+
+
+class Classifier:
+    """Prepare and predict for validated requests; every failure becomes a protocol reason."""
+
+    def __init__(self, predictor: Predictor, *, limits: Limits | None = None, data_root: str | Path | None = None):
+        from defectscope.preprocessing.orthonormalise import Orthonormaliser
+
+        self.predictor = predictor
+        self.limits = limits or Limits()
+        self.data_root = Path(data_root).resolve() if data_root else None
+        self.stats = Stats()
+        self.orthonormaliser = Orthonormaliser()
+
+    # -- ops --------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        p = self.predictor
+        return {
+            "server_version": __version__,
+            "protocol": PROTOCOL,
+            "model": p.describe(),
+            "card": p.card,
+            "classes": list(p.classes),
+            "pipeline": p.pipeline.to_dict(),
+            "provider": p.provider,
+            "provider_requested": p.requested_provider,
+            "degraded": p.degraded,
+            "limits": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.limits).items()},
+            "file_input": self.data_root is not None,
+        }
+
+    def health(self, queue_depth: int = 0, state: str = "ON") -> dict:
+        return {
+            "state": "DEGRADED" if self.predictor.degraded and state == "ON" else state,
+            "queue_depth": queue_depth,
+            "queue_length": self.limits.queue_length,
+            "provider": self.predictor.provider,
+            "model": self.predictor.describe(),
+            **self.stats.snapshot(),
+        }
+
+    def classify(self, request: Request, decode_ms: float = 0.0) -> Outcome:
+        """Run one classify request; raises only ``DefectscopeError``."""
+        t0 = time.perf_counter()
+        timings = {"decode": round(decode_ms, 3), "orthonormalise": 0.0}
+        try:
+            volumes, kw, warnings, timings["orthonormalise"] = self._volumes(request)
+            prepared, warnings_per, reports, timings["prepare"] = self._prepare(volumes, kw)
+            t1 = time.perf_counter()
+            probabilities = self.predictor.predict(prepared)
+            timings["infer"] = (time.perf_counter() - t1) * 1e3
+            if not np.all(np.isfinite(probabilities)):
+                raise Internal("the model returned non-finite probabilities")
+        except DefectscopeError:
+            raise
+        except MemoryError:
+            raise Internal("out of memory while classifying") from None
+        except Exception as exc:  # a bug must fail one request, never the server
+            log.exception("request %s failed", request.request_id)
+            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+        timings["total"] = timings["decode"] + (time.perf_counter() - t0) * 1e3
+        batch = request.kind == "map" and request.array is not None and request.array.ndim == 4
+        classes = list(self.predictor.classes)
+        labels = [classes[int(i)] for i in np.argmax(probabilities, axis=1)]
+        reply = {
+            "protocol": PROTOCOL,
+            "request_id": request.request_id,
+            "ok": True,
+            "model": self.predictor.describe(),
+            "provider": self.predictor.provider,
+            "classes": classes,
+            "probabilities": [[round(float(v), 7) for v in row] for row in probabilities] if batch
+            else [round(float(v), 7) for v in probabilities[0]],
+            "label": labels if batch else labels[0],
+            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": warnings + [w for ws in warnings_per for w in ws] if not batch
+            else warnings + [dict(w, index=i) for i, ws in enumerate(warnings_per) for w in ws],
+            "preparation": reports if batch else reports[0],
+        }
+        frames = []
+        if request.options.get("return_prepared"):
+            reply["prepared"] = {"shape": list(prepared.shape if batch else prepared.shape[1:]), "dtype": "<f4"}
+            frames.append(np.ascontiguousarray(prepared, dtype="<f4").tobytes())
+        return Outcome(reply, frames)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _volumes(self, request: Request):
+        """Maps to prepare, the keyword arguments for ``prepare``, warnings, orthonormalisation ms."""
+        from defectscope.preprocessing.frames import CANONICAL_AXES
+
+        spec = request.spec
+        if request.kind == "map":
+            volumes = request.array if request.array.ndim == 4 else request.array[np.newaxis]
+            kw = dict(axes=tuple(spec["axes"]), q_direction=spec.get("q_direction"), voxel_size=spec.get("voxel_size"))
+            return volumes, kw, [], 0.0
+        if request.kind == "scan":
+            frames = request.array if request.array is not None else request.frames
+            return self._from_scan(frames, spec["geometry"], request.mask)
+        return self._from_file(spec, CANONICAL_AXES)
+
+    def _from_scan(self, frames, geometry: dict, mask):
+        from defectscope.preprocessing.frames import CANONICAL_AXES
+        from defectscope.preprocessing.geometry import geometry_from_dict
+
+        n_frames = len(frames)
+        frame_shape = tuple(frames[0].shape)
+        geom = geometry_from_dict(geometry, n_frames=n_frames, frame_shape=frame_shape)
+        t0 = time.perf_counter()
+        qmap = self.orthonormaliser(frames, geom, mask=mask)
+        ms = (time.perf_counter() - t0) * 1e3
+        kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size])
+        return qmap.volume[np.newaxis], kw, [], ms
+
+    def _from_file(self, spec: dict, canonical_axes):
+        from defectscope.preprocessing.loaders import load_map
+
+        path = resolve_data_path(self.data_root, spec["path"])
+        if spec.get("geometry") is not None:
+            from defectscope.preprocessing.scans import load_hdf5_scan
+
+            frames, mask = load_hdf5_scan(path, spec.get("dataset"), limits=self.limits)[::2]
+            return self._from_scan(frames, spec["geometry"], mask)
+        volume = load_map(path, spec.get("dataset"), limits=self.limits)
+        if volume.ndim != 3:
+            raise BadMessage(f"file {spec['path']!r} holds an array of shape {volume.shape}, expected one 3D map")
+        kw = dict(axes=tuple(spec.get("axes") or canonical_axes), q_direction=spec.get("q_direction"),
+                  voxel_size=spec.get("voxel_size"))
+        return volume[np.newaxis], kw, [], 0.0
+
+    def _prepare(self, volumes: np.ndarray, kw: dict):
+        from defectscope.preprocessing.pipeline import prepare
+
+        t0 = time.perf_counter()
+        prepared, warnings, reports = [], [], []
+        for volume in volumes:
+            p = prepare(volume, self.predictor.pipeline, **kw)
+            prepared.append(p.array)
+            warnings.append(p.warnings)
+            reports.append(p.report)
+        return np.stack(prepared), warnings, reports, (time.perf_counter() - t0) * 1e3

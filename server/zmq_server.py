@@ -1,0 +1,219 @@
+"""ZeroMQ server for protocol ``defectscope/1``: a ROUTER socket, a bounded queue, worker threads.
+
+One I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe). It parses and checks every
+header itself, answers ``info``/``health`` at once, answers ``BUSY`` at once when the queue is full, and
+hands valid classify requests to the workers, who send their replies back over an inproc PUSH/PULL
+pair. Every request gets exactly one reply; nothing a client sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import zmq
+
+from defectscope import PROTOCOL
+from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, Unauthorized
+from defectscope.server import protocol
+from defectscope.server.core import Classifier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5557"
+
+
+class Server:
+    def __init__(
+        self,
+        classifier: Classifier,
+        bind: str = DEFAULT_BIND,
+        *,
+        workers: int = 1,
+        drain_s: float = 10.0,
+        context: zmq.Context | None = None,
+    ):
+        self.classifier = classifier
+        self.limits = classifier.limits
+        self.bind = bind
+        self.n_workers = max(1, int(workers))
+        self.drain_s = drain_s
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_length)
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._replies_addr = f"inproc://defectscope-replies-{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._error: BaseException | None = None
+        self.endpoint: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> "Server":
+        """Run the server in a background thread; returns once the socket is bound."""
+        self._thread = threading.Thread(target=self._run_guarded, name="defectscope-io", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("server did not become ready")
+        if self._error:
+            raise self._error
+        return self
+
+    def serve_forever(self) -> None:
+        self._run()
+
+    def stop(self, drain: bool = True) -> None:
+        """Refuse new work, answer what is queued or in flight (up to ``drain_s``), then stop."""
+        self._draining.set()
+        if drain:
+            deadline = time.monotonic() + self.drain_s
+            while (self._queue.qsize() or self._in_flight) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.drain_s + 5)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + self._in_flight
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaced to start(); the thread must not die silently
+            self._error = exc
+            self._ready.set()
+            log.exception("server loop failed")
+
+    # -- the I/O loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client's reply is dropped, not an error
+        # Per-frame ceiling enforced by libzmq before the frame is buffered in full.
+        router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + protocol.MAX_HEADER_BYTES)
+        router.bind(self.bind)
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        replies = self._ctx.socket(zmq.PULL)
+        replies.bind(self._replies_addr)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"defectscope-worker-{i}", daemon=True)
+            for i in range(self.n_workers)
+        ]
+        for w in self._workers:
+            w.start()
+        log.info("defectscope serving on %s (model %s, provider %s)", self.endpoint,
+                 self.classifier.predictor.describe()["version"], self.classifier.predictor.provider)
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(50))
+                if replies in events:
+                    self._forward(replies, router)
+                if router in events:
+                    for _ in range(256):  # bounded batch so replies are not starved
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._incoming(router, frames)
+        finally:
+            for _ in self._workers:
+                self._queue.put(None)
+            for w in self._workers:
+                w.join(5)
+            self._forward(replies, router)
+            replies.close(0)
+            router.close()
+
+    def _forward(self, replies, router) -> None:
+        while True:
+            try:
+                router.send_multipart(replies.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+            except zmq.Again:
+                return
+
+    def _incoming(self, router, frames) -> None:
+        # Envelope: identity, then the empty delimiter REQ (and a REQ-compatible DEALER) sends.
+        if len(frames) > 1 and len(frames[1]) == 0:
+            envelope, body = frames[:2], frames[2:]
+        else:
+            envelope, body = frames[:1], frames[1:]
+        rid = None
+        t0 = time.perf_counter()
+        try:
+            if not body:
+                raise BadMessage("request has no header frame")
+            raw = body[0].bytes if len(body[0]) <= protocol.MAX_HEADER_BYTES else body[0].buffer
+            rid = protocol.peek_request_id(raw)
+            header, rid, op = protocol.parse_header(raw)
+            if op == "info":
+                return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True, **self.classifier.info()})
+            if op == "health":
+                state = "DRAINING" if self._draining.is_set() else "ON"
+                return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True,
+                                                     **self.classifier.health(self.queue_depth(), state)})
+            if op == "reload":
+                raise Unauthorized("reload is not enabled on this server")
+            if self._draining.is_set():
+                raise Busy("server is shutting down and accepts no new work")
+            request = protocol.parse_classify(header, rid, [f.buffer for f in body[1:]], self.limits)
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            try:
+                self._queue.put_nowait((envelope, request, decode_ms))
+            except queue.Full:
+                raise Busy(f"queue full ({self.limits.queue_length} requests waiting); try again") from None
+        except DefectscopeError as exc:
+            self.classifier.stats.record(False, reason=exc.reason)
+            self._send(router, envelope, protocol.error_reply(rid, exc))
+        except Exception as exc:  # never let a request take the loop down
+            log.exception("unexpected error parsing a request")
+            self.classifier.stats.record(False, reason="INTERNAL")
+            self._send(router, envelope, protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300])))
+
+    @staticmethod
+    def _send(router, envelope, reply: dict, extra=()) -> None:
+        router.send_multipart([*envelope, protocol.encode(reply), *extra], copy=False)
+
+    # -- workers ----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._replies_addr)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                with self._in_flight_lock:
+                    self._in_flight += 1
+                try:
+                    push.send_multipart(self._answer(*item), copy=False)
+                finally:
+                    with self._in_flight_lock:
+                        self._in_flight -= 1
+        finally:
+            push.close()
+
+    def _answer(self, envelope, request, decode_ms) -> list:
+        stats = self.classifier.stats
+        try:
+            outcome = self.classifier.classify(request, decode_ms)
+            body = [protocol.encode(outcome.reply), *outcome.frames]
+            stats.record(True, outcome.reply["timings_ms"]["total"])
+        except DefectscopeError as exc:
+            stats.record(False, reason=exc.reason)
+            body = [protocol.encode(protocol.error_reply(request.request_id, exc))]
+        except Exception as exc:  # e.g. a non-JSON-able value: still one reply
+            log.exception("request %s failed while encoding", request.request_id)
+            stats.record(False, reason="INTERNAL")
+            body = [protocol.encode(protocol.error_reply(request.request_id, Internal(f"{type(exc).__name__}: {exc}"[:300])))]
+        return [*envelope, *body]

@@ -1,0 +1,92 @@
+"""The command line: a real `defectscope serve` process, classify/info/health, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import bragg_map
+
+CLI = [sys.executable, "-m", "defectscope.server.cli"]
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def served(fixture_model):
+    """`defectscope serve` in a subprocess; ready when it prints its endpoint (no sleeps)."""
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(fixture_model), "--bind", "tcp://127.0.0.1:*"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("defectscope serving on tcp://127.0.0.1:"), line + proc.stderr.read()
+    endpoint = line.split()[3]
+    yield proc, endpoint
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_serve_classify_info_health_and_sigterm(served, tmp_path):
+    proc, endpoint = served
+    path = tmp_path / "map.npy"
+    np.save(path, bragg_map())
+    out = run_cli("classify", path, "--server", endpoint, "--json")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["ok"] and reply["label"] in reply["classes"]
+
+    out = run_cli("info", "--server", endpoint)
+    assert out.returncode == 0 and json.loads(out.stdout)["card"]["name"] == "defectscope-fixture"
+    out = run_cli("health", "--server", endpoint)
+    assert out.returncode == 0 and json.loads(out.stdout)["requests_total"] >= 1
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "defectscope stopped" in proc.stdout.read()
+
+
+def test_local_classify_with_plot(fixture_model, tmp_path):
+    path = tmp_path / "map.npy"
+    np.save(path, bragg_map())
+    png = tmp_path / "slices.png"
+    out = run_cli("classify", path, "--model", fixture_model, "--plot", png)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{path}: ") and "ms on CPUExecutionProvider" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_of_a_model_file(fixture_model):
+    out = run_cli("info", "--model", fixture_model)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["pipeline"]["shape"] == [64, 64, 64] and info["provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (("classify", "/nonexistent/map.npy", "--model", "{model}"), "does not exist"),
+        (("classify", "{bad}", "--model", "{model}"), "NON_FINITE"),
+        (("info", "--model", "/nonexistent/model.onnx"), "MODEL_UNAVAILABLE"),
+        (("health", "--server", "tcp://127.0.0.1:1", "--timeout", "0.2"), "no reply"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(args, expect, fixture_model, tmp_path):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((64, 64, 64), np.nan, np.float32))
+    args = [a.format(model=fixture_model, bad=bad) for a in args]
+    out = run_cli(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("defectscope: error:"), out.stderr
+    assert expect in lines[0]
+    assert "Traceback" not in out.stderr

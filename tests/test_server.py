@@ -1,0 +1,293 @@
+"""The ZeroMQ server over real sockets on random loopback ports (SPEC §4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zmq
+
+from defectscope.errors import REASONS
+from defectscope.preprocessing.config import Limits
+from defectscope.server.client import Client
+
+from conftest import bragg_map
+
+AXES = ["q_par", "q_perp1", "q_perp2"]
+
+
+def raw_request(endpoint, frames, timeout_ms=10000):
+    """Send frames from a REQ socket (REQ-compatible clients are part of the contract)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "no reply"
+        parts = sock.recv_multipart()
+        return json.loads(parts[0]), parts[1:]
+    finally:
+        sock.close(0)
+
+
+def header(**kw):
+    h = {"protocol": "defectscope/1", "op": "classify", "request_id": "t-1"}
+    h.update(kw)
+    return json.dumps(h).encode()
+
+
+def map_header(shape=(64, 64, 64), dtype="<f4", **extra):
+    return header(input={"kind": "map", "shape": list(shape), "dtype": dtype, "axes": AXES, **extra})
+
+
+def assert_error(reply, reason):
+    assert reply["ok"] is False, reply
+    assert reply["error"]["reason"] == reason, reply
+    assert reason in REASONS
+    assert reply["error"]["message"]
+
+
+def assert_still_serving(endpoint):
+    reply, _ = raw_request(endpoint, [map_header(), bragg_map(seed=5).tobytes()])
+    assert reply["ok"] is True, reply
+
+
+# -- valid requests ---------------------------------------------------------------------------------
+def test_valid_map_gives_probabilities(client, asym_map):
+    reply = client.classify(asym_map, axes=AXES, request_id="scan-0054")
+    assert reply["ok"] and reply["request_id"] == "scan-0054"
+    assert reply["classes"] == ["defect_free", "screw", "edge"]
+    assert len(reply["probabilities"]) == 3
+    assert abs(sum(reply["probabilities"]) - 1) < 1e-5
+    assert reply["label"] in reply["classes"]
+    assert reply["label"] == reply["classes"][int(np.argmax(reply["probabilities"]))]
+    assert reply["provider"] == "CPUExecutionProvider"
+    assert set(reply["model"]) == {"name", "version", "sha256"}
+    assert {"decode", "prepare", "infer", "total"} <= set(reply["timings_ms"])
+    assert reply["timings_ms"]["total"] >= reply["timings_ms"]["infer"] > 0
+
+
+def test_req_socket_and_integer_counts(server, asym_map):
+    counts = np.rint(asym_map).astype("<u2")
+    reply, extra = raw_request(server.endpoint, [map_header(dtype="<u2"), counts.tobytes()])
+    assert reply["ok"], reply
+    assert extra == []
+
+
+def test_batch_request(client):
+    batch = np.stack([bragg_map(seed=s, size=(11 - s, 8, 6)) for s in range(3)])
+    reply = client.classify(batch, axes=AXES)
+    assert len(reply["probabilities"]) == 3 and len(reply["label"]) == 3
+    for row in reply["probabilities"]:
+        assert abs(sum(row) - 1) < 1e-5
+    # The batch answer is the answer each map gets alone.
+    for i in range(3):
+        alone = client.classify(batch[i], axes=AXES)
+        np.testing.assert_allclose(alone["probabilities"], reply["probabilities"][i], atol=1e-5)
+
+
+def test_return_prepared_frame(client, asym_map):
+    reply = client.classify(asym_map, axes=AXES, return_prepared=True)
+    prepared = reply["prepared"]
+    assert prepared.shape == (64, 64, 64) and prepared.dtype == np.float32
+    assert prepared.max() == pytest.approx(1.0)
+
+
+def test_permuted_axes_give_the_same_prepared_map(client, asym_map):
+    canonical = client.classify(asym_map, axes=AXES, return_prepared=True)
+    permuted = np.ascontiguousarray(asym_map.transpose(2, 0, 1))
+    other = client.classify(permuted, axes=["q_perp2", "q_par", "q_perp1"], return_prepared=True)
+    np.testing.assert_array_equal(canonical["prepared"], other["prepared"])
+    assert canonical["probabilities"] == other["probabilities"]
+
+
+def test_q_direction_gives_the_same_prepared_map(client, asym_map):
+    canonical = client.classify(asym_map, axes=AXES, return_prepared=True)
+    # Q along axis 2 of the sent array: the canonical map rotated by the minimal rotation e0 -> e2.
+    rotated = np.ascontiguousarray(np.flip(asym_map, axis=0).transpose(2, 1, 0))
+    from defectscope.preprocessing.frames import to_canonical
+
+    back, _ = to_canonical(rotated, ("x", "y", "z"), q_direction=[0.0, 0.0, 1.0])
+    assert back.shape == asym_map.shape
+    other = client.classify(back, axes=AXES, return_prepared=True)
+    sent = client.classify(rotated, axes=["x", "y", "z"], q_direction=[0, 0, 1], return_prepared=True)
+    np.testing.assert_array_equal(other["prepared"], sent["prepared"])
+    np.testing.assert_array_equal(canonical["prepared"], sent["prepared"])
+
+
+def test_info_and_health(client, asym_map):
+    info = client.info()
+    assert info["ok"] and info["classes"] == ["defect_free", "screw", "edge"]
+    assert info["provider"] == "CPUExecutionProvider"
+    assert info["pipeline"]["schema_version"] == 1
+    assert info["card"]["name"] == "defectscope-fixture"
+    assert info["limits"]["queue_length"] == 16
+    client.classify(asym_map, axes=AXES)
+    health = client.health()
+    assert health["ok"] and health["state"] == "ON"
+    assert health["requests_total"] >= 1
+    assert "p50" in health["latency_ms"]
+
+
+def test_dealer_without_delimiter_is_answered(server):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        sock.send_multipart([json.dumps({"protocol": "defectscope/1", "op": "health", "request_id": "h"}).encode()])
+        assert sock.poll(5000)
+        reply = json.loads(sock.recv_multipart()[-1])
+        assert reply["ok"] and reply["request_id"] == "h"
+    finally:
+        sock.close(0)
+
+
+# -- every reason a request can trigger -------------------------------------------------------------
+GOOD = bragg_map(seed=3).tobytes()
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([b"\x80\x04\x95 pickled"], "BAD_MESSAGE"),
+        ([b"[1, 2, 3]"], "BAD_MESSAGE"),
+        ([header(input="nope")], "BAD_MESSAGE"),
+        ([map_header(extra_key=1), GOOD], "BAD_MESSAGE"),
+        ([header(input={"kind": "map", "shape": [64, 64, 64], "dtype": "<f4"}), GOOD], "BAD_MESSAGE"),
+        ([map_header(voxel_size=[0.001, -1, 0.001]), GOOD], "BAD_MESSAGE"),
+        ([json.dumps({"protocol": "defectscope/2", "op": "classify"}).encode()], "UNSUPPORTED_PROTOCOL"),
+        ([json.dumps({"op": "classify"}).encode()], "UNSUPPORTED_PROTOCOL"),
+        ([header(op="explode")], "UNKNOWN_OP"),
+        ([map_header(dtype="|O"), GOOD], "DTYPE_NOT_ALLOWED"),
+        ([map_header(dtype="<c8"), GOOD], "DTYPE_NOT_ALLOWED"),
+        ([map_header(dtype="<U8"), GOOD], "DTYPE_NOT_ALLOWED"),
+        ([map_header(), GOOD[:-4]], "SHAPE_MISMATCH"),
+        ([map_header()], "SHAPE_MISMATCH"),
+        ([map_header(shape=(64, 64)), GOOD], "SHAPE_MISMATCH"),
+        ([map_header(shape=(64, 0, 64)), GOOD], "SHAPE_MISMATCH"),
+        ([map_header(shape=(4096, 4096, 4096)), b"tiny"], "TOO_LARGE"),
+        ([map_header(shape=(2**31, 1, 1)), b"tiny"], "TOO_LARGE"),
+        ([map_header(shape=(1000, 64, 64, 64)), b"tiny"], "TOO_LARGE"),
+        ([map_header(), np.full((64, 64, 64), np.nan, np.float32).tobytes()], "NON_FINITE"),
+        ([map_header(), np.zeros((64, 64, 64), np.float32).tobytes()], "LOW_SIGNAL"),
+        ([map_header(), np.full((64, 64, 64), 7.0, np.float32).tobytes()], "LOW_SIGNAL"),
+        ([map_header(), (-bragg_map(seed=3)).tobytes()], "NON_FINITE"),
+        ([header(input={"kind": "scan", "shape": [4, 8, 8], "dtype": "<u4", "geometry": {"preset": "nowhere"}}),
+          np.ones((4, 8, 8), "<u4").tobytes()], "BAD_GEOMETRY"),
+        ([header(input={"kind": "file", "path": "scan.h5"})], "PATH_NOT_ALLOWED"),
+        ([header(op="reload")], "UNAUTHORIZED"),
+    ],
+)
+def test_error_reason_then_still_serving(server, frames, reason):
+    reply, _ = raw_request(server.endpoint, frames)
+    assert_error(reply, reason)
+    assert_still_serving(server.endpoint)
+
+
+def test_nan_inside_a_map(server):
+    m = bragg_map(seed=4)
+    m[10, 20, 30] = np.inf
+    reply, _ = raw_request(server.endpoint, [map_header(), m.tobytes()])
+    assert_error(reply, "NON_FINITE")
+    assert "NaN" not in json.dumps(reply)
+
+
+def test_error_reply_echoes_request_id(server):
+    reply, _ = raw_request(server.endpoint, [map_header(dtype="|O", request_id="keep-me"), GOOD])
+    assert reply["request_id"] == "keep-me"
+
+
+def test_file_path_escape_refused(make_server, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    np.save(tmp_path / "outside.npy", bragg_map())
+    np.save(root / "inside.npy", bragg_map())
+    (root / "link.npy").symlink_to(tmp_path / "outside.npy")
+    server = make_server(data_root=root)
+    for path in ("../outside.npy", str(tmp_path / "outside.npy"), "link.npy", "absent.npy"):
+        reply, _ = raw_request(server.endpoint, [header(input={"kind": "file", "path": path})])
+        assert_error(reply, "PATH_NOT_ALLOWED")
+    reply, _ = raw_request(server.endpoint, [header(input={"kind": "file", "path": "inside.npy"})])
+    assert reply["ok"], reply
+
+
+def test_full_queue_answers_busy_at_once(make_server):
+    server = make_server(limits=Limits(queue_length=1))
+    big = bragg_map(shape=(128, 128, 128), centre=(60, 70, 64)).tobytes()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    n = 30
+    try:
+        for i in range(n):
+            sock.send_multipart([b"", map_header(shape=(128, 128, 128), request_id=f"r{i}"), big])
+        replies = []
+        while len(replies) < n and sock.poll(20000):
+            replies.append(json.loads(sock.recv_multipart()[1]))
+    finally:
+        sock.close(0)
+    assert len(replies) == n, "every request gets exactly one reply"
+    assert sorted(r["request_id"] for r in replies) == sorted(f"r{i}" for i in range(n))
+    busy = [r for r in replies if not r["ok"]]
+    assert busy and all(r["error"]["reason"] == "BUSY" for r in busy)
+    assert any(r["ok"] for r in replies)
+    assert_still_serving(server.endpoint)
+
+
+def test_late_reply_to_an_abandoned_attempt_is_not_taken_for_the_next(make_server, asym_map):
+    """A reply that arrives after the client gave up is recognised by its request id and skipped."""
+    server = make_server()
+    with Client(server.endpoint, timeout_s=10, retries=0) as client:
+        spec = {"kind": "map", "shape": [64, 64, 64], "dtype": "<f4", "axes": AXES}
+        with pytest.raises(TimeoutError):
+            client.request({"op": "classify", "request_id": "slow-1", "input": spec}, [asym_map.tobytes()],
+                           timeout_s=0.0005)
+        reply = client.classify(bragg_map(seed=9), axes=AXES, request_id="next-1")
+        assert reply["request_id"] == "next-1"
+
+
+def test_client_retry_resends_the_same_request_id(server, asym_map):
+    with Client(server.endpoint, timeout_s=10, retries=2) as client:
+        reply = client.classify(asym_map, axes=AXES, request_id="again-1")
+        assert reply["request_id"] == "again-1"
+    with Client("tcp://127.0.0.1:1", timeout_s=0.05, retries=2) as nobody:
+        with pytest.raises(TimeoutError, match="3 attempts"):
+            nobody.health()
+
+
+def test_client_raises_the_reason_class(client):
+    from defectscope.errors import NonFinite
+
+    bad = np.full((64, 64, 64), np.nan, np.float32)
+    with pytest.raises(NonFinite):
+        client.classify(bad, axes=AXES)
+    with pytest.raises(ValueError):  # the error classes refine the built-ins
+        client.classify(bad, axes=AXES)
+
+
+def test_stop_drains_queued_requests(make_server, asym_map):
+    server = make_server(limits=Limits(queue_length=8))
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        for i in range(5):
+            sock.send_multipart([b"", map_header(request_id=f"d{i}"), asym_map.tobytes()])
+        # Let the I/O thread queue them, then stop: all five must still be answered.
+        import time
+
+        deadline = time.monotonic() + 5
+        while server.classifier.stats.requests_total + server.queue_depth() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.stop(drain=True)
+        got = []
+        while sock.poll(2000):
+            got.append(json.loads(sock.recv_multipart()[1]))
+        assert len(got) == 5 and all(r["ok"] for r in got)
+    finally:
+        sock.close(0)
