@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from defectscope.errors import BadMessage
@@ -46,6 +47,17 @@ class PipelineConfig:
     low_counts_peak: float = 1000.0
     # A peak closer than this to a face of the input map raises PEAK_NEAR_EDGE.
     edge_margin: int = 8
+    # Background-subtracted data may dip slightly below zero: negatives down to this fraction of the
+    # maximum are clipped to 0 (NEGATIVE_CLIPPED warning); deeper ones fail with NON_FINITE.
+    negative_clip_fraction: float = 0.01
+    # More than this fraction of masked voxels raises HIGH_MASKED_FRACTION.
+    masked_fraction_warn: float = 0.2
+    # A voxel more than isolated_voxel_ratio times brighter than each of its six face neighbours (and
+    # than one count), and above isolated_voxel_floor of the peak, is a hot pixel or one-voxel alien,
+    # not Bragg diffraction (a peak sampled at oversampling >= ~1.2 never is): it is set to its
+    # brightest neighbour.
+    isolated_voxel_ratio: float = 50.0
+    isolated_voxel_floor: float = 0.01
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
@@ -65,6 +77,38 @@ class PipelineConfig:
             raise BadMessage(f"intensity_transform must be one of {INTENSITY_TRANSFORMS}, got {self.intensity_transform!r}")
         if self.normalisation not in NORMALISATIONS:
             raise BadMessage(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+        self._check_numbers()
+
+    def _check_numbers(self):
+        """Every numeric field in its valid range, so a bad config fails here and not mid-pipeline."""
+
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BadMessage(f"pipeline config {name} must be an integer >= {low}, got {value!r}")
+
+        def number(name, low, high, *, open_low=False):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if ok:
+                ok = (value > low if open_low else value >= low) and value <= high
+            if not ok:
+                bracket = "(" if open_low else "["
+                raise BadMessage(f"pipeline config {name} must be a number in {bracket}{low}, {high}], got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+        integer("peak_median_size", 1)
+        if self.peak_median_size % 2 == 0:
+            raise BadMessage(f"pipeline config peak_median_size must be odd, got {self.peak_median_size}")
+        integer("peak_com_halfwidth", 1)
+        integer("edge_margin", 0)
+        number("oversampling_threshold", 0.0, 0.5, open_low=True)
+        number("min_peak_counts", 0.0, math.inf)
+        number("low_counts_peak", 0.0, math.inf)
+        number("negative_clip_fraction", 0.0, 1.0)
+        number("masked_fraction_warn", 0.0, 1.0)
+        number("isolated_voxel_ratio", 2.0, 1e12)
+        number("isolated_voxel_floor", 0.0, 1.0)
 
     # JSON round trip ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

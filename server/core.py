@@ -221,7 +221,7 @@ class Classifier:
         t0 = time.perf_counter()
         prepared, warnings, reports = [], [], []
         for volume in volumes:
-            p = prepare(volume, self.predictor.pipeline, **kw)
+            p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
             prepared.append(p.array)
             warnings.append(p.warnings)
             reports.append(p.report)

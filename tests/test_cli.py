@@ -32,7 +32,9 @@ def served(fixture_model):
     yield proc, endpoint
     if proc.poll() is None:
         proc.kill()
-        proc.wait(10)
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
 
 
 def test_serve_classify_info_health_and_sigterm(served, tmp_path):
@@ -74,7 +76,7 @@ def test_info_of_a_model_file(fixture_model):
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (("classify", "/nonexistent/map.npy", "--model", "{model}"), "does not exist"),
+        (("classify", "/nonexistent/map.npy", "--model", "{model}"), "no such file"),
         (("classify", "{bad}", "--model", "{model}"), "NON_FINITE"),
         (("info", "--model", "/nonexistent/model.onnx"), "MODEL_UNAVAILABLE"),
         (("health", "--server", "tcp://127.0.0.1:1", "--timeout", "0.2"), "no reply"),

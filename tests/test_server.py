@@ -38,8 +38,9 @@ def header(**kw):
     return json.dumps(h).encode()
 
 
-def map_header(shape=(64, 64, 64), dtype="<f4", **extra):
-    return header(input={"kind": "map", "shape": list(shape), "dtype": dtype, "axes": AXES, **extra})
+def map_header(shape=(64, 64, 64), dtype="<f4", request_id="t-1", **extra):
+    return header(request_id=request_id,
+                  input={"kind": "map", "shape": list(shape), "dtype": dtype, "axes": AXES, **extra})
 
 
 def assert_error(reply, reason):
@@ -105,8 +106,9 @@ def test_permuted_axes_give_the_same_prepared_map(client, asym_map):
 
 def test_q_direction_gives_the_same_prepared_map(client, asym_map):
     canonical = client.classify(asym_map, axes=AXES, return_prepared=True)
-    # Q along axis 2 of the sent array: the canonical map rotated by the minimal rotation e0 -> e2.
-    rotated = np.ascontiguousarray(np.flip(asym_map, axis=0).transpose(2, 1, 0))
+    # Q along +axis 2 of the sent array: the canonical map turned by the proper 90-degree rotation about
+    # axis 1 (old axis 0 -> new +axis 2, old axis 2 -> new -axis 0): new[a, b, c] = old[c, b, n-1-a].
+    rotated = np.ascontiguousarray(np.flip(asym_map, axis=2).transpose(2, 1, 0))
     from defectscope.preprocessing.frames import to_canonical
 
     back, _ = to_canonical(rotated, ("x", "y", "z"), q_direction=[0.0, 0.0, 1.0])
@@ -192,7 +194,7 @@ def test_nan_inside_a_map(server):
     m[10, 20, 30] = np.inf
     reply, _ = raw_request(server.endpoint, [map_header(), m.tobytes()])
     assert_error(reply, "NON_FINITE")
-    assert "NaN" not in json.dumps(reply)
+    json.dumps(reply, allow_nan=False)  # raises if any NaN/Inf value reached the reply
 
 
 def test_error_reply_echoes_request_id(server):
@@ -291,3 +293,15 @@ def test_stop_drains_queued_requests(make_server, asym_map):
         assert len(got) == 5 and all(r["ok"] for r in got)
     finally:
         sock.close(0)
+
+
+def test_server_limits_reach_the_pipeline(make_server):
+    """Regression: prepare() was called with the default Limits, refusing maps a server was configured to take."""
+    shape = (260, 256, 256)  # above the default 256**3 voxels
+    server = make_server(limits=Limits(max_map_voxels=300**3))
+    volume = np.zeros(shape, "<u2")
+    volume[120:140, 120:136, 118:134] = bragg_map(shape=(20, 16, 16), centre=(10, 8, 8), size=(4, 3, 2.5),
+                                                  peak=5e4, noise=False).astype("<u2")
+    with Client(server.endpoint, timeout_s=30, retries=0) as client:
+        reply = client.classify(volume, axes=AXES)
+    assert reply["ok"] and reply["preparation"]["input_shape"] == list(shape)

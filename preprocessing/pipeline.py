@@ -1,0 +1,322 @@
+"""The preparation pipeline: one map in any orthonormal frame -> the model's 64^3 float32 input (SPEC §2).
+
+validate -> mask -> frame conversion -> find the peak -> crop/pad around it (isolated hot voxels
+suppressed) -> estimate the oversampling and, outside the trained range, resample -> whole-voxel centre
+of mass on shape // 2 -> intensity transform -> normalise. Each step is a function of its own module
+(validate, frames, centring, oversampling, intensity); this module only composes them.
+
+Transport-free and deterministic: the server, the CLI and the training data path call ``prepare`` with
+the model's ``PipelineConfig``, so training and serving prepare maps by the same code and numbers.
+Problems that still allow a classification come back as warnings, ``{"reason", "message"}``:
+
+- ``NEGATIVE_CLIPPED``: small negatives (background subtraction) set to 0;
+- ``HIGH_MASKED_FRACTION``: more than ``config.masked_fraction_warn`` of the voxels masked;
+- ``LOW_COUNTS``: peak below ``config.low_counts_peak``, the class is less certain;
+- ``PEAK_NEAR_EDGE``: peak within ``config.edge_margin`` voxels of a face, part of it is missing;
+- ``ISOLATED_VOXELS_SUPPRESSED``: hot pixels / one-voxel aliens near the peak set to their brightest
+  neighbour (they would otherwise become the maximum the map is divided by);
+- ``OVERSAMPLING_OUT_OF_RANGE``: estimate outside ``config.oversampling_range``, map resampled;
+- ``CENTRING_NOT_CONVERGED``: the whole-voxel centre of mass kept moving; the closest window is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
+from defectscope.preprocessing.centring import (
+    CentredWindow, centre_of_mass, centre_of_mass_shift, crop_pad, find_peak, isolated_voxels,
+)
+from defectscope.preprocessing.config import Limits, PipelineConfig
+from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
+from defectscope.preprocessing.intensity import apply_intensity
+from defectscope.preprocessing.oversampling import estimate_oversampling, oversampling_warning, resample, resample_factor
+from defectscope.preprocessing.validate import check_declared, check_values, make_warning
+
+WARNING_REASONS = (
+    "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",
+    "OVERSAMPLING_OUT_OF_RANGE", "CENTRING_NOT_CONVERGED",
+)
+# The centre-of-mass search and the resampling read real data beyond the model's window: this fraction
+# of the window on every side (the source is re-made around the new centre if that is not enough).
+_MARGIN_FRACTION = 8
+_RESAMPLE_ATTEMPTS = 3
+
+
+@dataclass
+class Prepared:
+    """One prepared map: the model input, the warnings for the reply, and what was done (JSON-ready)."""
+
+    array: np.ndarray  # float32, C-contiguous, config.shape
+    warnings: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def prepare(
+    volume: np.ndarray,
+    config: PipelineConfig = PipelineConfig(),
+    *,
+    axes: Sequence[str] = CANONICAL_AXES,
+    q_direction=None,
+    voxel_size=None,
+    mask: np.ndarray | None = None,
+    limits: Limits = Limits(),
+) -> Prepared:
+    """Prepare one map (3-D, any allowed dtype) for the model; the input array is never modified.
+
+    ``axes``, ``q_direction``, ``voxel_size`` as in ``frames.plan_canonical``; ``mask`` same shape as
+    ``volume``, True (non-zero) = bad voxel, set to 0 before anything else, so masked voxels may hold
+    anything (NaN included). Voxel positions in the report are in the full map after frame conversion.
+    """
+    volume = np.asarray(volume)
+    _, dtype = check_declared(volume.shape, volume.dtype, limits, allow_batch=False, any_byte_order=True)
+    work = np.array(volume, dtype=np.float32, order="C", copy=True)  # our buffer: edited in place below
+    warnings: list[dict] = []
+    masked = _apply_mask(work, mask, config, warnings)
+    work, clipped = check_values(work, config, in_place=True)
+    warnings += clipped
+
+    shape = config.shape
+    margin = np.array([max(4, n // _MARGIN_FRACTION) for n in shape])
+    source = _CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
+    source.start(config, np.asarray(shape) + 2 * margin)
+    peak = find_peak(source.array, config)
+    if not peak.median_counts > 0:
+        raise LowSignal(
+            f"no peak wider than one voxel: the brightest voxels ({peak.counts:.6g} counts) are isolated "
+            f"(median of their {config.peak_median_size}^3 neighbourhood is 0)"
+        )
+    peak_index = np.array(peak.index) + source.origin  # full canonical grid from here on
+    warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config)
+
+    window = crop_pad(source.array, peak.index, shape)
+    isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
+    if isolated:
+        warnings.append(isolated)
+    per_axis, overall = estimate_oversampling(window, config)
+    factor = resample_factor(overall, config)
+    if factor == 1.0:
+        centred, window_centre = _centre(source, peak_index, shape, margin)
+    else:
+        warnings.append(oversampling_warning(per_axis, overall, factor, config))
+        centred, window_centre = _resample_and_centre(source, peak_index, factor, shape, margin)
+    if not centred.converged:
+        com = centre_of_mass(centred.array)
+        warnings.append(make_warning(
+            "CENTRING_NOT_CONVERGED",
+            f"centre of mass at ({', '.join(f'{c:.2f}' for c in com)}) after {centred.iterations} whole-voxel "
+            f"re-cuts, not rounding to {[n // 2 for n in shape]}: content entering and leaving the window",
+        ))
+
+    array = apply_intensity(centred.array, config, in_place=True)  # the window is ours: no copy
+    report = {
+        "input_shape": list(volume.shape),
+        "input_dtype": dtype.str,
+        "frame": source.info,
+        "masked_voxels": masked,
+        "masked_fraction": masked / volume.size,
+        "max_counts": float(work.max()),
+        "total_counts": float(work.sum(dtype=np.float64)),
+        "peak_index": peak_index.tolist(),
+        "peak_centre": [round(c + o, 3) for c, o in zip(peak.centre, source.origin.tolist())],
+        "peak_counts": peak.counts,
+        "peak_median_counts": peak.median_counts,
+        "oversampling_per_axis": [round(float(s), 3) for s in per_axis],
+        "oversampling": round(overall, 3),
+        "resample_factor": round(factor, 4),
+        "oversampling_after": round(overall * factor, 3),
+        "com_shift": list(centred.shift),
+        "window_centre": [round(c, 3) for c in window_centre],
+        "com_iterations": centred.iterations,
+        "com_converged": centred.converged,
+        "config_schema_version": config.schema_version,
+    }
+    return Prepared(array, warnings, report)
+
+
+class _CanonicalSource:
+    """The map in the canonical frame, whole or (large maps needing interpolation) a region of it.
+
+    Converting only a region around the peak keeps a 128^3 oblique map at the cost of a ~80^3 one; the
+    region is re-made wherever a later step needs data it lacks, so the result is that of the full
+    conversion. ``origin`` is the region's first voxel in the full canonical grid.
+    """
+
+    def __init__(self, work: np.ndarray, plan: FramePlan):
+        self.work, self.plan = work, plan
+        self.array, self.info = None, {}
+        self.origin = np.zeros(3, dtype=int)
+        self.windowed = False
+        self.patches: list[tuple[np.ndarray, np.ndarray]] = []  # suppressed voxels, re-applied after re-making
+
+    def start(self, config: PipelineConfig, region: np.ndarray):
+        if self.plan.interpolated and np.prod(self.plan.out_shape) > np.prod(region):
+            # The peak is found in the frame as sent (a rotation does not change which voxels are hot).
+            seed = find_peak(self.work, config)
+            centre = np.floor(self.plan.canonical_position(seed.index) + 0.5).astype(int)
+            self._convert(centre, region)
+        else:
+            self._convert(None, None)
+
+    def _convert(self, centre, region):
+        window = None if centre is None else (centre, region)
+        self.array, self.info = apply_plan(self.work, self.plan, window=window)
+        self.origin = np.array(self.info["window_origin"])
+        self.windowed = centre is not None
+        for index, values in self.patches:
+            local = index - self.origin
+            inside = np.all((local >= 0) & (local < self.array.shape), axis=1)
+            self.array[tuple(local[inside].T)] = values[inside]
+
+    def ensure(self, centre: np.ndarray, extent: np.ndarray) -> bool:
+        """Make sure the box of ``extent`` around ``centre`` (full grid) is present wherever the full map
+        has data; re-make the region around ``centre`` if not. True if it was re-made."""
+        if not self.windowed:
+            return False
+        full = np.asarray(self.plan.out_shape)
+        lo = np.clip(centre - extent // 2, 0, full)
+        hi = np.clip(centre - extent // 2 + extent, 0, full)
+        if np.all(lo >= self.origin) and np.all(hi <= self.origin + self.array.shape):
+            return False
+        self._convert(np.asarray(centre, dtype=int), np.maximum(extent, self.array.shape))
+        return True
+
+    def local(self, index) -> np.ndarray:
+        return np.asarray(index) - self.origin
+
+
+def _apply_mask(work: np.ndarray, mask, config: PipelineConfig, warnings: list[dict]) -> int:
+    if mask is None:
+        return 0
+    mask = np.asarray(mask)
+    if mask.shape != work.shape:
+        raise ShapeMismatch(f"mask shape {list(mask.shape)} does not match the map shape {list(work.shape)}")
+    if mask.dtype != bool:
+        if mask.dtype.kind not in "biu":
+            raise ShapeMismatch(f"mask must be boolean or integer (non-zero = bad voxel), got dtype {mask.dtype}")
+        mask = mask != 0
+    masked = int(np.count_nonzero(mask))
+    if masked == work.size:
+        raise LowSignal("every voxel of the map is masked")
+    work[mask] = 0
+    fraction = masked / work.size
+    if fraction > config.masked_fraction_warn:
+        warnings.append(make_warning(
+            "HIGH_MASKED_FRACTION",
+            f"{fraction:.1%} of the voxels are masked ({masked} of {work.size}), above {config.masked_fraction_warn:.0%}",
+        ))
+    return masked
+
+
+def _peak_warnings(index: np.ndarray, counts: float, shape: Sequence[int], config: PipelineConfig) -> list[dict]:
+    warnings = []
+    if counts < config.low_counts_peak:
+        warnings.append(make_warning(
+            "LOW_COUNTS", f"peak of {counts:.6g} counts is below {config.low_counts_peak:.6g}: the class is less certain",
+        ))
+    distance = int(min(min(i, n - 1 - i) for i, n in zip(index, shape)))
+    if distance < config.edge_margin:
+        warnings.append(make_warning(
+            "PEAK_NEAR_EDGE",
+            f"peak at voxel {index.tolist()} of a {list(shape)} map is {distance} voxels from a face "
+            f"(margin {config.edge_margin}): part of the pattern is missing and counts as zero",
+        ))
+    return warnings
+
+
+def _suppress_isolated(source: _CanonicalSource, window: np.ndarray, peak_index, peak_counts: float,
+                       config: PipelineConfig) -> dict | None:
+    """Remove hot voxels from the window around the peak, and from the source it is re-cut from.
+
+    Judged on the window only (cheap, and what the model sees); the source is this call's own buffer.
+    """
+    index, brightest = isolated_voxels(window, config.isolated_voxel_floor * peak_counts, config.isolated_voxel_ratio)
+    if not len(index):
+        return None
+    largest = float(window[tuple(index.T)].max())
+    window[tuple(index.T)] = brightest
+    # Window voxels lie in the source unless they are padding, and padding (zero) is never isolated.
+    full_index = index + (np.asarray(peak_index) - np.array([n // 2 for n in window.shape]))
+    source.array[tuple(source.local(full_index).T)] = brightest
+    source.patches.append((full_index, brightest))
+    return make_warning(
+        "ISOLATED_VOXELS_SUPPRESSED",
+        f"{len(index)} isolated voxels (over {config.isolated_voxel_ratio:g}x every neighbour, up to "
+        f"{largest:.6g} counts) set to their brightest neighbour: hot pixels or one-voxel aliens",
+    )
+
+
+def _centre(source: _CanonicalSource, peak_index, shape, margin) -> tuple[CentredWindow, list[float]]:
+    """Whole-voxel centre of mass from the canonical map (re-made where a region lacks data)."""
+    start = np.asarray(peak_index)
+    centre = start
+    for _ in range(_RESAMPLE_ATTEMPTS):
+        # Half the margin on each side: the region was cut around the peak as seen before conversion,
+        # which may sit a voxel or two from the peak found after it.
+        source.ensure(centre, np.asarray(shape) + margin)
+        centred = centre_of_mass_shift(source.array, source.local(centre), shape)
+        centre = np.array(centred.centre) + source.origin
+        if not source.ensure(centre, np.asarray(shape)):
+            break
+    shift = tuple(int(v) for v in centre - start)
+    return centred._replace(centre=tuple(int(v) for v in centre), shift=shift), [float(c) for c in centre]
+
+
+def _resample_and_centre(source: _CanonicalSource, peak_index, factor: float, shape, margin) -> tuple[CentredWindow, list[float]]:
+    """Resample a window (plus margin) around the peak, then centre on whole voxels of the new grid."""
+    source_shape = tuple(int(n) for n in np.asarray(shape) + 2 * margin)
+    source_mid = np.array([n // 2 for n in source_shape])
+    centre = np.array(peak_index, dtype=np.float64)
+    for _ in range(_RESAMPLE_ATTEMPTS):
+        # The canonical data the resampled window reads: its extent in canonical voxels, plus the rim.
+        source.ensure(np.floor(centre + 0.5).astype(int), np.ceil(np.asarray(source_shape) / factor).astype(int) + 4)
+        resampled = resample(source.array, factor, centre=source.local(centre), shape=source_shape)
+        centred = centre_of_mass_shift(resampled, source_mid, shape)
+        offset = np.array(centred.centre) - source_mid
+        if np.all(np.abs(offset) <= margin):
+            break
+        # The centre of mass wandered past the margin, where the resampled source has no data: re-make it there.
+        centre = centre + np.round(offset) / factor
+    window_centre = (centre + offset / factor).tolist()
+    shift = np.round((np.array(window_centre) - np.asarray(peak_index)) * factor).astype(int)
+    return centred._replace(shift=tuple(int(s) for s in shift)), window_centre
+
+
+def prepare_batch(volumes, config: PipelineConfig = PipelineConfig(), *, mask=None, limits: Limits = Limits(),
+                  **kwargs) -> tuple[np.ndarray, list[list[dict]], list[dict]]:
+    """Prepare ``[B, n0, n1, n2]`` maps (or a sequence of 3-D maps) with the same frame keywords.
+
+    ``mask`` is None, one 3-D mask for every map, or one per map. Returns the ``[B, *config.shape]``
+    float32 batch, the warnings per map and the reports per map. A bad map fails the batch with its
+    own error class, the message saying which map.
+    """
+    if isinstance(volumes, np.ndarray):
+        check_declared(volumes.shape, volumes.dtype, limits, allow_batch=True, any_byte_order=True)
+        if volumes.ndim == 3:
+            volumes = volumes[None]
+    else:
+        volumes = list(volumes)
+        if len(volumes) > limits.max_batch:
+            check_declared([len(volumes), 1, 1, 1], "<f4", limits)  # raises TooLarge with the numbers
+    n = len(volumes)
+    if mask is not None:
+        mask = np.asarray(mask)
+        masks = list(mask) if mask.ndim == 4 else [mask] * n
+        if len(masks) != n:
+            raise ShapeMismatch(f"{len(masks)} masks for {n} maps")
+    else:
+        masks = [None] * n
+    out = np.empty((n, *config.shape), dtype=np.float32)
+    warnings, reports = [], []
+    for i in range(n):
+        try:
+            prepared = prepare(volumes[i], config, mask=masks[i], limits=limits, **kwargs)
+        except DefectscopeError as exc:
+            raise type(exc)(f"map {i} of {n}: {exc.message}") from exc
+        out[i] = prepared.array
+        warnings.append(prepared.warnings)
+        reports.append(prepared.report)
+    return out, warnings, reports

@@ -1,0 +1,122 @@
+"""First step of the pipeline: refuse what cannot be a diffraction map, before any work is spent on it.
+
+Two checks, at two moments:
+
+- ``check_declared`` looks only at the *claimed* shape and dtype (a wire header, an HDF5/NPY/TIFF header),
+  so an oversized or exotic request is refused before a byte is allocated for it.
+- ``check_values`` looks at the numbers: non-finite values, negative counts and maps without signal.
+
+Warnings are plain ``{"reason", "message"}`` dicts (``make_warning``) so they travel unchanged in a
+wire reply, a Tango attribute or a CLI line; errors are the ``defectscope.errors`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from defectscope.errors import DtypeNotAllowed, LowSignal, NonFinite, ShapeMismatch, TooLarge
+from defectscope.preprocessing.config import Limits, PipelineConfig
+
+
+def make_warning(reason: str, message: str) -> dict:
+    """One warning as it appears in a reply: a fixed upper-case reason and one human line."""
+    return {"reason": reason, "message": message}
+
+
+def dtype_code(dtype, *, any_byte_order: bool = False) -> str:
+    """The numpy type string (``'<f4'``) of ``dtype``, refused unless it is a plain numeric type.
+
+    With ``any_byte_order`` a big-endian type is reported as its little-endian twin: file formats
+    declare their byte order, so ``>f4`` in an HDF5 or TIFF file is unambiguous and is converted on read.
+    On the wire the header's string is taken literally.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise DtypeNotAllowed(f"dtype {dtype!r} is not a numpy type") from None
+    if dt.fields is not None or dt.subdtype is not None or dt.kind not in "biuf":
+        raise DtypeNotAllowed(f"dtype {dtype!r} is not a plain numeric type")
+    if any_byte_order and dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    return dt.str
+
+
+def check_declared(
+    shape: Sequence[int],
+    dtype,
+    limits: Limits = Limits(),
+    *,
+    allow_batch: bool = True,
+    any_byte_order: bool = False,
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Check a claimed map shape and dtype against ``limits``; nothing is allocated.
+
+    ``shape`` is ``[n0, n1, n2]`` (one map) or ``[batch, n0, n1, n2]``. Returns the shape as a tuple of
+    ints and the numpy dtype. Raises ``DtypeNotAllowed``, ``ShapeMismatch`` or ``TooLarge``.
+    """
+    code = dtype_code(dtype, any_byte_order=any_byte_order)
+    if code not in limits.allowed_dtypes:
+        raise DtypeNotAllowed(f"dtype {code} is not allowed; allowed: {' '.join(limits.allowed_dtypes)}")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise ShapeMismatch(f"shape must be a list of integers, got {shape!r}")
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in shape):
+        raise ShapeMismatch(f"shape must be a list of integers, got {list(shape)!r}")
+    shape = tuple(int(n) for n in shape)
+    ranks = (3, 4) if allow_batch else (3,)
+    if len(shape) not in ranks:
+        wanted = "[n0, n1, n2] or [batch, n0, n1, n2]" if allow_batch else "[n0, n1, n2]"
+        raise ShapeMismatch(f"a map has shape {wanted}, got {list(shape)} (rank {len(shape)})")
+    if any(n < 1 for n in shape):
+        raise ShapeMismatch(f"every size in the shape must be >= 1, got {list(shape)}")
+    map_shape = shape[-3:]
+    voxels = int(np.prod(map_shape, dtype=np.int64))
+    if voxels > limits.max_map_voxels:
+        raise TooLarge(f"map of {voxels} voxels {list(map_shape)} exceeds the limit of {limits.max_map_voxels} voxels")
+    batch = shape[0] if len(shape) == 4 else 1
+    if batch > limits.max_batch:
+        raise TooLarge(f"batch of {batch} maps exceeds the limit of {limits.max_batch}")
+    nbytes = voxels * batch * np.dtype(code).itemsize
+    if nbytes > limits.max_message_bytes:
+        raise TooLarge(f"{nbytes} bytes of map data exceed the limit of {limits.max_message_bytes} bytes")
+    return shape, np.dtype(code)
+
+
+def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """Check the numbers of one map; return it (small negatives clipped) and the warnings.
+
+    NaN/Inf and deep negatives raise ``NonFinite``; an all-zero or constant map, or one whose maximum is
+    below ``config.min_peak_counts``, raises ``LowSignal``. The input is not modified unless ``in_place``.
+    """
+    if volume.size == 0:
+        raise ShapeMismatch("map is empty")
+    # min/max propagate NaN and expose +-Inf, so two reductions replace a full isfinite pass.
+    low, high = float(volume.min()), float(volume.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        bad = volume.size - int(np.count_nonzero(np.isfinite(volume)))
+        raise NonFinite(f"map has {bad} non-finite voxels (NaN or Inf) of {volume.size}")
+    warnings: list[dict] = []
+    if low < 0:
+        if high > 0 and -low <= config.negative_clip_fraction * high:
+            negatives = int(np.count_nonzero(volume < 0))
+            volume = np.maximum(volume, 0, out=volume if in_place else None)
+            warnings.append(make_warning(
+                "NEGATIVE_CLIPPED",
+                f"{negatives} negative voxels (down to {low:.6g}, within {config.negative_clip_fraction:.2%} "
+                f"of the maximum {high:.6g}) clipped to 0, as background-subtracted data",
+            ))
+            low = 0.0
+        else:
+            raise NonFinite(
+                f"map has negative values down to {low:.6g} (maximum {high:.6g}, more than "
+                f"{config.negative_clip_fraction:.2%} of it): negative counts are not intensities"
+            )
+    if high == 0:
+        raise LowSignal("map is all zero")
+    if high == low:
+        raise LowSignal(f"map is constant (every voxel {high:.6g}): no Bragg peak")
+    if high < config.min_peak_counts:
+        raise LowSignal(f"map maximum {high:.6g} is below min_peak_counts {config.min_peak_counts:.6g}")
+    return volume, warnings
+
