@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
+
+    # simulate / train / evaluate live in training/ and import their heavy dependencies lazily.
+    from defectscope.training import cli as training_cli
+
+    training_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,234 @@
+"""Simulated datasets: config, HDF5 layout, splits by configuration, bit-reproducibility, Dask, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("finufft")
+h5py = pytest.importorskip("h5py")
+
+from defectscope.errors import BadMessage  # noqa: E402
+from defectscope.training import simulator  # noqa: E402
+from defectscope.training.dataset import PARAMETERS, SPLITS, SimulatedDataset, assign_splits  # noqa: E402
+from defectscope.training.runner import configuration_sizes, simulate_dataset  # noqa: E402
+from defectscope.training.sim_config import CLASSES, SimulationConfig, load_config  # noqa: E402
+
+# Few orientations per configuration keep the tests fast while exercising configurations of every class.
+FAST = SimulationConfig(orientations_per_configuration=3)
+# Every detector option on, so the file holds masks, gaps and background too.
+NOISY = FAST.replace(background_range=(0.5, 2.0), gap_probability=1.0, masked_voxel_fraction_range=(1e-4, 1e-3))
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- config -------------------------------------------------------------------------------------------
+def test_config_round_trips_and_refuses_unknown_or_bad_options(tmp_path):
+    cfg = SimulationConfig(elements=("Au", "Pt"), cd_fraction=1.0)
+    assert SimulationConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(BadMessage, match="unknown options"):
+        SimulationConfig.from_dict({"oversampling": [2, 4]})
+    with pytest.raises(BadMessage):
+        SimulationConfig(elements=("Cu",))
+    with pytest.raises(BadMessage):
+        SimulationConfig(oversampling_range=(4.0, 2.0))
+    with pytest.raises(BadMessage):
+        SimulationConfig(split_fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(BadMessage):
+        SimulationConfig.from_dict({"schema_version": 99})
+    toml = tmp_path / "sim.toml"
+    toml.write_text('[simulate]\nelements = ["Au"]\nsizes = ["large"]\npeak_counts_range = [1e4, 1e5]\n')
+    assert load_config(toml) == SimulationConfig(elements=("Au",), sizes=("large",), peak_counts_range=(1e4, 1e5))
+    js = tmp_path / "sim.json"
+    js.write_text('{"cd_fraction": 0.5}')
+    assert load_config(js).cd_fraction == 0.5
+    js.write_text("{not json")
+    with pytest.raises(BadMessage):
+        load_config(js)
+
+
+# -- sampling and noise ----------------------------------------------------------------------------------
+def test_counting_noise_gaps_and_orientation_draws():
+    from defectscope.training import sampling
+
+    rng = np.random.default_rng(0)
+    intensity = np.zeros((64, 64, 64))
+    intensity[32, 32, 32] = 7.0
+    counts = sampling.counting_noise(intensity, 1e5, 2.0, rng)
+    assert counts.dtype == np.uint32
+    assert counts[32, 32, 32] == pytest.approx(1e5, rel=0.02)
+    assert (counts.sum() - counts[32, 32, 32]) / (counts.size - 1) == pytest.approx(2.0, rel=0.02)
+    cfg = SimulationConfig(gap_probability=1.0, gap_count_range=(2, 2), gap_width_voxels_range=(3, 3))
+    draws = [sampling.draw_orientation(rng, cfg) for _ in range(200)]
+    assert all(len(d.gap_axes) == 2 and set(d.gap_axes) <= {1, 2} for d in draws)
+    assert all(2.0 <= d.oversampling_target <= 4.0 and max(map(abs, d.subpixel_shift_voxels)) <= 0.5 for d in draws)
+    decades = np.log10([d.peak_counts_target for d in draws])
+    assert 3.0 <= decades.min() < 3.3 and 5.7 < decades.max() <= 6.0  # log-uniform over 1e3-1e6
+    mask = sampling.gap_mask((64, 64, 64), draws[0])
+    assert mask.any(axis=(1, 2)).all()  # stripes cross the whole map along axis 0
+    assert 3 * 64 * 64 <= mask.sum() <= 2 * 3 * 64 * 64
+
+
+# -- planning -----------------------------------------------------------------------------------------
+def test_classes_are_balanced_and_reflections_see_the_burgers_vector_unless_asked():
+    labels = [simulator.class_of_configuration(i, (1, 1, 1)) for i in range(300)]
+    assert sorted(set(labels[:3])) == [0, 1, 2]
+    assert all(abs(labels.count(c) - 100) <= 2 for c in range(3))
+    plans = [simulator.plan_configuration(SimulationConfig(), 5, i) for i in range(60)]
+    assert all(simulator.g_dot_b(p.reflection_hkl) != 0 and not p.invisible for p in plans)
+    assert {p.position_mode for p in plans if p.label} == {"CD", "RPD"}
+    plans = [simulator.plan_configuration(SimulationConfig(invisible_fraction=1.0), 5, i) for i in range(30)]
+    assert all(p.invisible and simulator.g_dot_b(p.reflection_hkl) == 0 for p in plans if p.label)
+
+
+def test_splits_are_stratified_and_by_configuration():
+    labels = np.array([simulator.class_of_configuration(i, (1, 1, 1)) for i in range(600)])
+    splits = assign_splits(labels, (0.85, 0.10, 0.05), np.random.default_rng(0))
+    for c in range(3):
+        counts = np.bincount(splits[labels == c], minlength=3) / (labels == c).sum()
+        assert np.allclose(counts, (0.85, 0.10, 0.05), atol=0.01)
+    assert configuration_sizes(23, 10) == [10, 10, 3]
+
+
+# -- the dataset file -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def noisy_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sim") / "noisy.h5"
+    return simulate_dataset(14, path, NOISY, seed=11, workers=1, progress=False)
+
+
+def test_dataset_layout_labels_and_parameters(noisy_dataset):
+    with SimulatedDataset(noisy_dataset) as ds:
+        assert ds.counts.shape == (14, 64, 64, 64) and ds.counts.dtype == np.uint32
+        assert ds.counts.chunks == (1, 64, 64, 64) and ds.counts.compression == "gzip"
+        assert list(ds.counts.attrs["axes"]) == ["q_par", "q_perp1", "q_perp2"]
+        assert ds.classes == list(CLASSES) and ds.config == NOISY
+        p = ds.parameters()
+        assert set(p) == set(PARAMETERS)
+        for name, (dtype, shape, _) in PARAMETERS.items():
+            assert p[name].shape == (14, *shape), name
+        attrs = ds._file.attrs
+        assert attrs["simulator_version"] == simulator.SIMULATOR_VERSION and attrs["seed"] == 11
+        assert attrs["n_configurations"] == 5
+        # The file holds exactly what the simulator computed (worker-side chunk encoding round-trips).
+        first = simulator.simulate_configuration(NOISY, 11, 0, 3)
+        assert np.array_equal(ds.counts[:3], first.counts) and np.array_equal(ds.mask[:3].astype(bool), first.mask)
+        # Orientations of a configuration share the crystal, not the orientation.
+        conf = p["configuration_index"]
+        assert list(conf) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
+        for c in range(5):
+            rows = conf == c
+            for name in ("n_atoms", "element", "reflection_hkl", "surface_energy_ratio", "dislocation_offset_angstrom"):
+                assert len({np.asarray(v).tobytes() for v in p[name][rows]}) == 1, name
+            assert len(set(p["rotation_about_q_rad"][rows])) == rows.sum()
+            assert len(set(ds.split[rows])) == 1  # never straddles splits
+            assert len(set(ds.labels[rows])) == 1
+        # Labels match the defect; the reflection sees b (g·b != 0) by default.
+        assert np.all((ds.labels == 0) == (p["position_mode"] == b"none"))
+        assert np.all(p["g_dot_b"] != 0) and not p["invisible"].any()
+        # Voxel size is 2π dq and gives the recorded oversampling on the recorded extents.
+        dq_cryst = p["voxel_size_inv_angstrom"] / (2 * np.pi)
+        assert np.allclose(dq_cryst * p["crystal_extent_angstrom"] * p["oversampling"], 1.0)
+        assert np.all(p["oversampling"].min(axis=1) >= 2.0 - 1e-9)
+        assert np.allclose(p["oversampling"].min(axis=1), p["oversampling_target"])
+        # Axis 0 of the frame is along G.
+        g = p["reflection_hkl"] / np.linalg.norm(p["reflection_hkl"], axis=1, keepdims=True)
+        assert np.allclose(p["frame_axes"][:, 0, :], g)
+        # Raw counts: Poisson, peak near the target, masked voxels hold 0, background fills the corners.
+        for i in range(14):
+            counts, mask = ds.counts[i], ds.mask[i].astype(bool)
+            assert mask.sum() == p["n_masked_voxels"][i] > 0 and np.all(counts[mask] == 0)
+            assert counts.max() == pytest.approx(p["peak_counts_target"][i] + p["background_counts_per_voxel"][i],
+                                                 rel=0.5, abs=60)
+            assert 1e3 <= p["peak_counts_target"][i] <= 1e6
+            assert counts[:4, :4, :4].mean() >= 0.5 * p["background_counts_per_voxel"][i]  # plus the pattern's tails
+
+
+def test_same_seed_gives_identical_bytes_and_configurations_do_not_depend_on_n(tmp_path, noisy_dataset):
+    again = simulate_dataset(14, tmp_path / "again.h5", NOISY, seed=11, workers=1, progress=False)
+    assert sha256(again) == sha256(noisy_dataset)
+    other = simulate_dataset(14, tmp_path / "other.h5", NOISY, seed=12, workers=1, progress=False)
+    assert sha256(other) != sha256(noisy_dataset)
+    shorter = simulate_dataset(7, tmp_path / "short.h5", NOISY, seed=11, workers=1, progress=False)
+    with h5py.File(shorter) as a, h5py.File(noisy_dataset) as b:
+        assert np.array_equal(a["counts"][:6], b["counts"][:6])  # the first two whole configurations
+        assert np.array_equal(a["counts"][6], b["counts"][6])  # and the first orientation of the third
+
+
+def test_one_and_two_dask_workers_give_identical_datasets(tmp_path):
+    pytest.importorskip("distributed")
+    one = simulate_dataset(10, tmp_path / "one.h5", FAST, seed=3, workers=1, progress=False)
+    two = simulate_dataset(10, tmp_path / "two.h5", FAST, seed=3, workers=2, progress=False)
+    assert sha256(one) == sha256(two)
+
+
+@pytest.mark.slow
+def test_large_crystals_with_every_option_are_identical_on_one_and_two_workers(tmp_path):
+    pytest.importorskip("distributed")
+    cfg = NOISY.replace(sizes=("small", "large"), elements=("Au", "Pt"), invisible_fraction=0.3)
+    one = simulate_dataset(8, tmp_path / "one.h5", cfg, seed=21, workers=1, progress=False)
+    two = simulate_dataset(8, tmp_path / "two.h5", cfg, seed=21, workers=2, progress=False)
+    assert sha256(one) == sha256(two)
+    with SimulatedDataset(one) as ds:
+        assert b"large" in set(ds.parameters()["size"])
+
+
+def test_an_existing_dask_cluster_gives_the_same_dataset(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    one = simulate_dataset(6, tmp_path / "one.h5", FAST, seed=4, workers=1, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster:
+        remote = simulate_dataset(6, tmp_path / "remote.h5", FAST, seed=4, scheduler=cluster.scheduler_address,
+                                  progress=False)
+    assert sha256(one) == sha256(remote)
+
+
+def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(simulator, "simulate_configuration", boom)
+    with pytest.raises(RuntimeError):
+        simulate_dataset(3, tmp_path / "x.h5", FAST, workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the command line -----------------------------------------------------------------------------------
+CLI = [sys.executable, "-m", "defectscope.server.cli"]
+
+
+def test_cli_simulate_writes_a_dataset_and_refuses_bad_input_in_one_line(tmp_path):
+    cfg = tmp_path / "sim.json"
+    cfg.write_text(json.dumps({"orientations_per_configuration": 2, "elements": ["Pt"]}))
+    out = tmp_path / "data.h5"
+    run = subprocess.run([*CLI, "simulate", "--n", "4", "--out", str(out), "--config", str(cfg), "--workers", "1",
+                          "--seed", "5", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 4 patterns" in run.stdout
+    with SimulatedDataset(out) as ds:
+        assert ds.counts.shape[0] == 4 and ds.config.elements == ("Pt",)
+        assert set(ds.split) <= set(range(len(SPLITS)))
+    again = subprocess.run([*CLI, "simulate", "--n", "4", "--out", str(out), "--workers", "1"],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr and "Traceback" not in again.stderr
+    cfg.write_text(json.dumps({"elemnts": ["Pt"]}))
+    bad = subprocess.run([*CLI, "simulate", "--n", "4", "--out", str(tmp_path / "b.h5"), "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "BAD_MESSAGE" in bad.stderr
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_cli_without_the_training_extra_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from defectscope.server import cli
+
+    monkeypatch.setitem(sys.modules, "finufft", None)  # import finufft now raises ImportError
+    assert cli.main(["simulate", "--n", "2", "--out", str(tmp_path / "x.h5")]) == 1
+    err = capsys.readouterr().err
+    assert "defectscope[train]" in err and err.count("\n") == 1

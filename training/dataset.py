@@ -1,0 +1,219 @@
+"""Simulated training datasets: the HDF5 layout (SPEC §7), a deterministic writer, and readers.
+
+Layout (N patterns, S = config ``shape``, default 64³)::
+
+    /counts          (N, *S) uint32   raw photon counts, canonical frame (attr axes = q_par, q_perp1, q_perp2),
+                                      gzip + shuffle, one chunk per pattern
+    /mask            (N, *S) uint8    1 = no measurement (detector gap or masked voxel; counts are 0 there)
+    /labels          (N,)    uint8    class index; attr ``classes`` = ["defect_free", "screw", "edge"]
+    /split           (N,)    uint8    0 train, 1 validation, 2 test; attr ``names``; assigned per configuration
+    /parameters/<name> (N, ...)       every physical parameter of every pattern (``PARAMETERS``)
+    root attributes: format, format_version, simulator_version, defectscope_version, simulator_config (JSON),
+                     seed, n_patterns, n_configurations, conventions
+
+Bit-reproducibility: patterns are written strictly in index order with fixed chunking and compression,
+parameters are written once at the end, HDF5 object timestamps are off and nothing time-dependent is stored.
+The file is written under ``<name>.partial`` and renamed when complete, so a killed run leaves no file
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from defectscope import __version__
+from defectscope.errors import BadMessage
+from defectscope.training.conventions import AXES
+from defectscope.training.sim_config import CLASSES, SimulationConfig
+
+FORMAT = "defectscope.simulated-bcdi"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+CONVENTIONS = ("lattice frame x[100] y[010] z[001]; lengths in angstrom; voxel_size_inv_angstrom in the "
+               "Q = 2*pi/d convention (SPEC 4); canonical frame: axis 0 along Q = G, axes 1, 2 perpendicular, "
+               "right-handed; frame_axes rows = canonical axes in the lattice frame; kinematic amplitude "
+               "sum_j exp(-2 pi i (G+q).(r_j+u_j)) with q = 1/d internally")
+
+# name -> (dtype, per-pattern shape, description). Units are in the names.
+PARAMETERS: dict[str, tuple[str, tuple, str]] = {
+    "configuration_index": ("<i4", (), "crystal configuration; its orientations share it and its split"),
+    "orientation_index": ("<i2", (), "orientation of the configuration (0 .. orientations-1)"),
+    "element": ("S2", (), "Al, Ag, Au or Pt"),
+    "size": ("S5", (), "small (40 cells) or large (80 cells)"),
+    "n_unit_cells": ("<i2", (), "edge of the cube the Wulff shape is carved from, unit cells"),
+    "lattice_a_angstrom": ("<f8", (), "lattice parameter"),
+    "poisson_ratio": ("<f8", (), "isotropic Poisson ratio of the displacement field"),
+    "surface_energy_ratio": ("<f8", (), "gamma111 / gamma100 of the Wulff construction"),
+    "interface_normal": ("<i1", (3,), "{111} substrate interface normal (0,0,0: untruncated)"),
+    "truncation_fraction": ("<f8", (), "remaining fraction of the free particle's height (1: untruncated)"),
+    "n_atoms": ("<i4", (), "atoms in the particle"),
+    "position_mode": ("S4", (), "CD (centred), RPD (random position) or none"),
+    "burgers_vector_angstrom": ("<f8", (3,), "b, lattice frame (zeros: defect-free)"),
+    "line_direction": ("<f8", (3,), "unit line direction t, lattice frame (zeros: defect-free)"),
+    "dislocation_position_angstrom": ("<f8", (3,), "point of the line relative to the particle centroid"),
+    "dislocation_offset_angstrom": ("<f8", (), "distance from the centroid to the line (NaN: defect-free)"),
+    "reflection_hkl": ("<i1", (3,), "Bragg reflection hkl"),
+    "g_dot_b": ("<f8", (), "g.b of the reflection with b = 1/2[1-10]"),
+    "invisible": ("|b1", (), "defective but g.b = 0 (invisibility criterion)"),
+    "rotation_about_q_rad": ("<f8", (), "rotation of axes 1, 2 about Q"),
+    "frame_axes": ("<f8", (3, 3), "rows: canonical axes 0 (Q), 1, 2 in the lattice frame"),
+    "voxel_size_inv_angstrom": ("<f8", (3,), "voxel size per axis, Q = 2 pi/d convention"),
+    "oversampling": ("<f8", (3,), "field of view / crystal extent per canonical axis"),
+    "oversampling_target": ("<f8", (), "oversampling drawn for the largest extent"),
+    "crystal_extent_angstrom": ("<f8", (3,), "crystal extent along each canonical axis"),
+    "subpixel_shift_voxels": ("<f8", (3,), "grid shift: voxel k sits at q = dq (k - n/2 + shift)"),
+    "peak_counts_target": ("<f8", (), "expected counts of the brightest voxel before noise"),
+    "background_counts_per_voxel": ("<f8", (), "flat background, mean counts per voxel"),
+    "peak_intensity_kinematic": ("<f8", (), "max |A|^2 on the grid, atomic form factor 1"),
+    "n_gap_stripes": ("<i1", (), "detector-gap stripes"),
+    "masked_voxel_fraction": ("<f8", (), "probability that a voxel is masked (hot/dead pixel)"),
+    "n_masked_voxels": ("<i4", (), "voxels with mask = 1"),
+}
+
+
+def assign_splits(labels_per_configuration: np.ndarray, fractions, rng: np.random.Generator) -> np.ndarray:
+    """Split index (0 train, 1 validation, 2 test) per configuration, stratified by class.
+
+    Whole configurations are assigned, so the orientations of one crystal never straddle two splits.
+    """
+    labels = np.asarray(labels_per_configuration)
+    splits = np.zeros(labels.shape[0], dtype=np.uint8)
+    for label in range(len(CLASSES)):  # fixed order: the draws do not depend on which classes occur
+        members = np.flatnonzero(labels == label)
+        order = members[rng.permutation(members.size)]
+        n_test = int(round(fractions[2] * members.size))
+        n_val = int(round(fractions[1] * members.size))
+        splits[order[members.size - n_test:]] = 2
+        splits[order[members.size - n_test - n_val:members.size - n_test]] = 1
+    return splits
+
+
+def encode_chunks(counts: np.ndarray, mask: np.ndarray, level: int) -> list[tuple[bytes, bytes | None]]:
+    """HDF5 chunks of each pattern, filtered as the datasets declare (counts: shuffle + deflate; mask: deflate).
+
+    Done where the patterns are computed (on the Dask workers), so the process writing the file only copies
+    bytes; the encoding is deterministic, so the file does not depend on where it ran. ``None`` for an
+    all-zero mask (left unallocated in the file, read back as the fill value 0).
+    """
+    out = []
+    for k in range(counts.shape[0]):
+        c = np.ascontiguousarray(counts[k], dtype="<u4")
+        shuffled = c.view(np.uint8).reshape(-1, c.itemsize).T.tobytes()  # HDF5 shuffle: byte planes
+        m = mask[k]
+        out.append((zlib.compress(shuffled, level),
+                    zlib.compress(np.ascontiguousarray(m, dtype=np.uint8).tobytes(), level) if m.any() else None))
+    return out
+
+
+class DatasetWriter:
+    """Write patterns in index order; ``finish`` adds labels, splits, parameters and renames the file."""
+
+    def __init__(self, path, n_patterns: int, n_configurations: int, cfg: SimulationConfig, seed: int):
+        import h5py
+
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.n_patterns = int(n_patterns)
+        self.cfg = cfg
+        self._next = 0
+        self._file = h5py.File(self.partial, "w")
+        chunk = (1, *cfg.shape)
+        self._counts = self._file.create_dataset(
+            "counts", shape=(self.n_patterns, *cfg.shape), dtype="<u4", chunks=chunk, compression="gzip",
+            compression_opts=int(cfg.compression_level), shuffle=True, fillvalue=0, track_times=False)
+        self._counts.attrs["axes"] = list(AXES)
+        self._counts.attrs["units"] = "photon counts"
+        self._mask = self._file.create_dataset(
+            "mask", shape=(self.n_patterns, *cfg.shape), dtype="u1", chunks=chunk, compression="gzip",
+            compression_opts=int(cfg.compression_level), shuffle=False, fillvalue=0, track_times=False)
+        self._params = {name: np.zeros((self.n_patterns, *shape), dtype=dtype) for name, (dtype, shape, _) in PARAMETERS.items()}
+        self._labels = np.zeros(self.n_patterns, dtype=np.uint8)
+        attrs = self._file.attrs
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["simulator_config"] = cfg.to_json()
+        attrs["seed"] = int(seed)
+        attrs["n_patterns"] = self.n_patterns
+        attrs["n_configurations"] = int(n_configurations)
+        attrs["conventions"] = CONVENTIONS
+
+    def write(self, result) -> None:
+        """Append one configuration's patterns (results must arrive in index order)."""
+        chunks = result.chunks if result.chunks is not None else encode_chunks(result.counts, result.mask,
+                                                                               self.cfg.compression_level)
+        n = len(chunks)
+        sl = slice(self._next, self._next + n)
+        if sl.stop > self.n_patterns:
+            raise ValueError("more patterns written than the dataset holds")
+        zeros = (0,) * len(self.cfg.shape)
+        for k, (counts_chunk, mask_chunk) in enumerate(chunks):  # one chunk per pattern, in index order
+            self._counts.id.write_direct_chunk((self._next + k, *zeros), counts_chunk)
+            if mask_chunk is not None:  # all-zero masks stay unallocated (fill value 0)
+                self._mask.id.write_direct_chunk((self._next + k, *zeros), mask_chunk)
+        for name in PARAMETERS:
+            self._params[name][sl] = result.params[name]
+        self._labels[sl] = result.params["label"]
+        self._next = sl.stop
+
+    def finish(self, split_per_pattern: np.ndarray, simulator_version: str) -> Path:
+        if self._next != self.n_patterns:
+            raise ValueError(f"dataset incomplete: {self._next} of {self.n_patterns} patterns written")
+        f = self._file
+        labels = f.create_dataset("labels", data=self._labels, track_times=False)
+        labels.attrs["classes"] = list(CLASSES)
+        split = f.create_dataset("split", data=np.asarray(split_per_pattern, dtype=np.uint8), track_times=False)
+        split.attrs["names"] = list(SPLITS)
+        group = f.create_group("parameters", track_order=False)
+        for name, (_, _, description) in PARAMETERS.items():
+            group.create_dataset(name, data=self._params[name], track_times=False).attrs["description"] = description
+        f.attrs["classes"] = list(CLASSES)
+        f.attrs["simulator_version"] = simulator_version
+        f.attrs["defectscope_version"] = __version__
+        f.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+class SimulatedDataset:
+    """Read access: ``with SimulatedDataset(path) as ds: ds.counts[i], ds.labels, ds.indices('train')``."""
+
+    def __init__(self, path):
+        import h5py
+
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "r")
+        if self._file.attrs.get("format") != FORMAT:
+            self._file.close()
+            raise BadMessage(f"{str(self.path)!r} is not a defectscope simulated dataset")
+        self.counts = self._file["counts"]
+        self.mask = self._file["mask"]
+        self.labels = self._file["labels"][()]
+        self.split = self._file["split"][()]
+        self.classes = [str(c) for c in self._file["labels"].attrs["classes"]]
+        self.config = SimulationConfig.from_json(self._file.attrs["simulator_config"])
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLITS.index(split))
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: ds[()] for name, ds in self._file["parameters"].items()}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
