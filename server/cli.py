@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)
 
+    p = sub.add_parser("demo", help="the main job: serve the bundled model and classify example patterns")
+    p.add_argument("--model", help="ONNX model (default: the bundled defectscope-3class)")
+    p.add_argument("--out", default="demo_out", help="directory for the table and the figure")
+    p.add_argument("--no-measured", action="store_true", help="skip the measured 34-ID-C scan")
+    p.set_defaults(func=lambda a: __import__("defectscope.server.demo", fromlist=["cmd_demo"]).cmd_demo(a))
+
     # simulate / train / evaluate live in training/ and import their heavy dependencies lazily.
     from defectscope.training import cli as training_cli
 

@@ -305,3 +305,27 @@ def test_server_limits_reach_the_pipeline(make_server):
     with Client(server.endpoint, timeout_s=30, retries=0) as client:
         reply = client.classify(volume, axes=AXES)
     assert reply["ok"] and reply["preparation"]["input_shape"] == list(shape)
+
+
+def test_no_import_happens_inside_a_request():
+    """Regression: the first classify paid ~200-270 ms importing the pipeline inside the request (outside
+    every stage timer, so only 'total' showed it). The core now imports its whole path when loaded; a
+    timing test cannot see this reliably (a warm page cache hides it), so the cause is checked instead."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, defectscope.server.core;"
+        "need = ['defectscope.preprocessing.pipeline', 'defectscope.preprocessing.orthonormalise',"
+        " 'defectscope.preprocessing.geometry', 'defectscope.preprocessing.loaders', 'defectscope.preprocessing.scans'];"
+        "missing = [m for m in need if m not in sys.modules]; print(missing); sys.exit(1 if missing else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_classifier_warms_up_the_whole_path(predictor):
+    from defectscope.server.core import Classifier
+
+    classifier = Classifier(predictor)
+    assert classifier.warmup_ms > 0
