@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow serve bench install clean
+.PHONY: test test-slow serve bench install clean tango-db
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Reinstall whenever pyproject.toml changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,tango]"
 	touch $@
 
 install: $(STAMP)
@@ -28,6 +28,10 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m defectscope.benchmarks.bench_orthonormalise
+
+# A local Tango database for the real-database test (root; Debian/Ubuntu). Then: export TANGO_HOST=127.0.0.1:10000
+tango-db:
+	deploy/tango-db-setup.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,15 @@ def cmd_serve(args) -> int:
                           intra_op_threads=args.threads)
     limits = Limits(queue_length=args.queue)
     classifier = Classifier(predictor, limits=limits, data_root=args.data_root)
-    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s)
+    results = None
+    if args.results:
+        from defectscope.server.results import ResultsLog, ResultsLogError
+
+        try:
+            results = ResultsLog(args.results, server="zmq")
+        except ResultsLogError as exc:
+            return _fail(str(exc))
+    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s, results=results)
     server.start()
 
     stopping = threading.Event()
@@ -47,6 +56,8 @@ def cmd_serve(args) -> int:
     while not stopping.wait(0.5):
         pass
     server.stop(drain=True)
+    if results is not None:
+        results.close()
     print("defectscope stopped", flush=True)
     return 0
 
@@ -166,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(p)
     p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (tcp://127.0.0.1:* picks a free port)")
     p.add_argument("--data-root", help="directory that 'file' requests may read (off when absent)")
+    p.add_argument("--results", help="HDF5 results log: one row per reply, flushed, readable while serving (SWMR)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")
@@ -216,7 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Serving does small matrix products on a machine that is busy with other work: multi-threaded
+# OpenBLAS spin-waits there (measured: a 128^3 map took 1.3-4 s instead of 25-35 ms). ONNX Runtime has
+# its own thread pool, so the serving commands run numpy's BLAS on one thread. Set before numpy loads.
+SERVING_COMMANDS = ("serve", "classify", "info", "health", "demo")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in SERVING_COMMANDS for a in argv[:1]) and "numpy" not in sys.modules:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -130,6 +130,8 @@ class Classifier:
             "degraded": p.degraded,
             "limits": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.limits).items()},
             "file_input": self.data_root is not None,
+            # Thread settings decide latency on a shared machine (see server.cli.SERVING_COMMANDS).
+            "threads": {var.lower(): os.environ.get(var) for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
         }
 
     def health(self, queue_depth: int = 0, state: str = "ON") -> dict:

@@ -35,12 +35,16 @@ class Server:
         workers: int = 1,
         drain_s: float = 10.0,
         context: zmq.Context | None = None,
+        results=None,
     ):
+        """``results``: a ``server.results.ResultsLog``; every classify reply (errors too) is appended
+        and flushed before it is sent, so the log holds every answer a client could have seen."""
         self.classifier = classifier
         self.limits = classifier.limits
         self.bind = bind
         self.n_workers = max(1, int(workers))
         self.drain_s = drain_s
+        self.results = results
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_length)
         self._in_flight = 0
@@ -173,11 +177,12 @@ class Server:
                 raise Busy(f"queue full ({self.limits.queue_length} requests waiting); try again") from None
         except DefectscopeError as exc:
             self.classifier.stats.record(False, reason=exc.reason)
-            self._send(router, envelope, protocol.error_reply(rid, exc))
+            self._send(router, envelope, self._logged(protocol.error_reply(rid, exc)))
         except Exception as exc:  # never let a request take the loop down
             log.exception("unexpected error parsing a request")
             self.classifier.stats.record(False, reason="INTERNAL")
-            self._send(router, envelope, protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300])))
+            self._send(router, envelope,
+                       self._logged(protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300]))))
 
     @staticmethod
     def _send(router, envelope, reply: dict, extra=()) -> None:
@@ -209,11 +214,23 @@ class Server:
             outcome = self.classifier.classify(request, decode_ms)
             body = [protocol.encode(outcome.reply), *outcome.frames]
             stats.record(True, outcome.reply["timings_ms"]["total"])
+            self._logged(outcome.reply, request)
         except DefectscopeError as exc:
             stats.record(False, reason=exc.reason)
-            body = [protocol.encode(protocol.error_reply(request.request_id, exc))]
+            body = [protocol.encode(self._logged(protocol.error_reply(request.request_id, exc), request))]
         except Exception as exc:  # e.g. a non-JSON-able value: still one reply
             log.exception("request %s failed while encoding", request.request_id)
             stats.record(False, reason="INTERNAL")
-            body = [protocol.encode(protocol.error_reply(request.request_id, Internal(f"{type(exc).__name__}: {exc}"[:300])))]
+            error = protocol.error_reply(request.request_id, Internal(f"{type(exc).__name__}: {exc}"[:300]))
+            body = [protocol.encode(self._logged(error, request))]
         return [*envelope, *body]
+
+    def _logged(self, reply: dict, request=None) -> dict:
+        """Append the reply to the results log (when there is one) before it is sent; returns it."""
+        if self.results is not None:
+            from defectscope.server.results import describe_source
+
+            p = self.classifier.predictor
+            self.results.append(reply, source=describe_source(request) if request is not None else "",
+                                model=p.describe(), provider=p.provider)
+        return reply

@@ -1,0 +1,442 @@
+"""Tango device server ``DefectClassifier`` (SPEC §5): a thin adapter over ``server.core.Classifier``.
+
+Commands build the same ``protocol.Request`` the ZeroMQ server builds (through ``protocol.parse_classify``,
+so the same size checks apply) and hand it to the same ``Classifier``; a refusal is the ``DefectscopeError``
+of the core, re-thrown as a ``DevFailed`` whose reason is the SPEC §4 reason. Nothing is prepared or
+predicted here, so a map gives the same probabilities through Tango and through ZeroMQ.
+
+Threading, and why it is not Tango's default: the server runs with ``SerialModel.NO_SYNC`` so that reading
+``State``/attributes does not wait behind a running classification (a GUI polling ``State`` would otherwise
+never see ``RUNNING``, and would freeze for the length of every command). The device serialises what needs
+it itself: one classification at a time (a second waits up to ``BUSY_WAIT_S`` then gets ``BUSY``, well
+inside the 3 s client timeout), and ``Init`` waits for a running classification before tearing down.
+
+The model is loaded in a background thread (state ``INIT``): creating a CUDA session and warming up a 3-D
+CNN can take longer than the 3 s a Tango client waits for ``Init``. ``Reload`` loads the new model beside
+the one in use and swaps only on success (a failed reload keeps the old model serving).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy loads: the preparation's small matrix products run in BLAS, and a multi-threaded OpenBLAS
+# spin-waits for cores that ONNX Runtime or a busy machine hold - measured here, a 128^3 map took 1-4 s
+# instead of 25 ms. The device server is a program of its own: one BLAS thread unless the operator sets one.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tango
+from tango import DevState
+from tango.server import Device, attribute, command, device_property
+
+from defectscope import PROTOCOL
+from defectscope.errors import BadGeometry, BadMessage, Busy, DefectscopeError, Internal, ModelUnavailable, ShapeMismatch
+from defectscope.preprocessing.config import Limits
+from defectscope.server import protocol
+from defectscope.server.core import Classifier, Stats
+from defectscope.server.results import ResultsLog, describe_source
+
+log = logging.getLogger(__name__)
+
+CANONICAL_AXES = ["q_par", "q_perp1", "q_perp2"]
+PROVIDERS = ("auto", "cpu", "cuda")
+BUSY_WAIT_S = 1.0      # a classification waits this long for the one running, then BUSY (clients time out at 3 s)
+TEARDOWN_WAIT_S = 2.0  # Init waits this long for a running classification
+RELOAD_WAIT_S = 2.0    # Reload answers after this long at most; a slower load finishes in the background
+FILE_ARG_KEYS = {"path", "dataset", "kind", "geometry", "axes", "q_direction", "voxel_size", "request_id"}
+MAX_CLASSES = 16
+
+
+@dataclass(frozen=True)
+class LastResult:
+    """What the read attributes show; replaced as a whole, so a reader never sees half of two results."""
+
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    label: str = ""
+    request_id: str = ""
+    latency_ms: float = 0.0
+    reply: str = ""
+
+
+def _warm_up(classifier: Classifier) -> None:
+    """Pay import and first-call costs (scipy, xrayutilities) while loading, not in the first command."""
+    try:
+        if getattr(classifier, "warmup_ms", None) is None:  # the core did not warm the pipeline up itself
+            from defectscope.preprocessing.pipeline import prepare
+
+            n0, n1, n2 = classifier.predictor.pipeline.shape
+            grid = np.meshgrid(*[np.arange(n) - n / 2 for n in (n0, n1, n2)], indexing="ij", sparse=True)
+            peak = (1e4 * np.exp(-sum((g / w) ** 2 for g, w in zip(grid, (3.0, 4.0, 5.0))))).astype(np.float32)
+            prepare(peak, classifier.predictor.pipeline, limits=classifier.limits, axes=tuple(CANONICAL_AXES))
+        if classifier.data_root is not None:  # files may hold raw scans: orthonormalisation needs xrayutilities
+            from defectscope.preprocessing.geometry import load_xrayutilities
+
+            load_xrayutilities()
+    except Exception as exc:  # a warm-up is an optimisation, never a reason to refuse a model
+        log.warning("warm-up failed (first request will be slower): %s", exc)
+
+
+def _new_request_id() -> str:
+    return "tango-" + uuid.uuid4().hex[:16]
+
+
+class DefectClassifier(Device):
+    """Classifies 3-D Bragg coherent diffraction maps as defect_free / screw / edge (defectscope)."""
+
+    ModelPath = device_property(dtype=str, default_value="",
+                                doc="ONNX model file or bundled model name; empty: the bundled 3-class model")
+    Provider = device_property(dtype=str, default_value="auto", doc="ONNX Runtime execution provider: auto | cpu | cuda")
+    DataRoot = device_property(dtype=str, default_value="",
+                               doc="directory ClassifyFile may read (resolved, no escape); empty: ClassifyFile disabled")
+    ResultsFile = device_property(dtype=str, default_value="", doc="HDF5 results log, one row per reply; empty: none")
+    GeometryPreset = device_property(dtype=str, default_value="",
+                                     doc="beamline preset for ClassifyFile scans without one (aps-34idc, esrf-id01, ...)")
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def init_device(self):
+        """Never raises: every problem becomes FAULT (no model) or ALARM (degraded), with Status saying why."""
+        self._load_gate = getattr(self, "_load_gate", None) or threading.Lock()  # one Reload at a time
+        self._work = getattr(self, "_work", None) or threading.Lock()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._classifier: Classifier | None = None
+        self._results: ResultsLog | None = None
+        self._loading = False
+        self._running = False
+        self._fault = ""
+        self._reload_error = ""
+        self._notes: list[str] = []
+        self._stats = Stats()
+        self._last = LastResult()
+        self._limits = Limits()
+        try:
+            super().init_device()  # reads the properties
+            for name in ("ModelPath", "Provider", "DataRoot", "ResultsFile", "GeometryPreset"):
+                setattr(self, name, (getattr(self, name) or "").strip())  # a stray space typed in Jive
+            tango.Util.instance().set_serial_model(tango.SerialModel.NO_SYNC)
+            self.set_change_event("probabilities", True, False)
+            self.set_change_event("label", True, False)
+            self._notes = self._check_config()
+            self._open_results()
+            self._begin_load(self._model_config(), reload=False)
+        except Exception as exc:  # a bug here must still leave a device that says what happened
+            log.exception("init_device failed")
+            self._fault = f"initialisation failed: {type(exc).__name__}: {exc}"
+            self._loading = False
+        self._refresh_state()
+
+    def delete_device(self):
+        self._generation += 1  # a model load still running belongs to the old life: its result is dropped
+        got = self._work.acquire(timeout=TEARDOWN_WAIT_S)
+        try:
+            self._classifier = None
+            if self._results is not None:
+                self._results.close()
+                self._results = None
+        finally:
+            if got:
+                self._work.release()
+
+    def _check_config(self) -> list[str]:
+        """Problems that leave the device usable for maps: they make it ALARM, not FAULT."""
+        notes = []
+        if self.DataRoot and not Path(self.DataRoot).is_dir():
+            notes.append(f"DataRoot {self.DataRoot!r} is not a directory: ClassifyFile will refuse every path")
+        if self.GeometryPreset:
+            from defectscope.preprocessing.geometry import PRESETS
+
+            if self.GeometryPreset not in PRESETS:
+                notes.append(f"GeometryPreset {self.GeometryPreset!r} is unknown (known: {', '.join(sorted(PRESETS))})")
+        return notes
+
+    def _open_results(self) -> None:
+        if not self.ResultsFile:
+            return
+        try:
+            self._results = ResultsLog(self.ResultsFile, server="tango")
+        except Exception as exc:
+            self._notes.append(f"results log unavailable: {exc}")
+
+    def _model_config(self) -> dict:
+        return {"ModelPath": self.ModelPath, "Provider": self.Provider, "DataRoot": self.DataRoot}
+
+    # -- model loading ------------------------------------------------------------------------------
+    def _build_classifier(self, config: dict) -> Classifier:
+        from defectscope.model.predictor import Predictor
+        from defectscope.model.registry import resolve_model
+
+        provider = (config["Provider"] or "auto").strip().lower()
+        if provider not in PROVIDERS:
+            raise ModelUnavailable(f"Provider property {config['Provider']!r} is not one of {', '.join(PROVIDERS)}")
+        path = resolve_model(config["ModelPath"] or None)
+        predictor = Predictor(path, provider=provider, on_missing_cuda="degrade")
+        classifier = Classifier(predictor, limits=self._limits, data_root=config["DataRoot"] or None)
+        classifier.stats = self._stats  # counters survive a Reload
+        _warm_up(classifier)
+        return classifier
+
+    def _begin_load(self, config: dict, *, reload: bool) -> tuple[threading.Event, dict]:
+        generation = self._generation
+        done, outcome = threading.Event(), {}
+        self._loading = True
+        if not reload:
+            self._refresh_state()
+
+        def load():
+            try:
+                outcome["classifier"] = self._build_classifier(config)
+            except Exception as exc:
+                outcome["error"] = exc if isinstance(exc, DefectscopeError) else Internal(f"{type(exc).__name__}: {exc}")
+            try:
+                if generation == self._generation:
+                    self._loaded(outcome, reload)
+            finally:
+                done.set()
+
+        threading.Thread(target=load, name="defectscope-model-load", daemon=True).start()
+        return done, outcome
+
+    def _loaded(self, outcome: dict, reload: bool) -> None:
+        self._loading = False
+        if "classifier" in outcome:
+            self._classifier = outcome["classifier"]  # one assignment: a running command keeps the old one
+            self._fault = self._reload_error = ""
+            p = self._classifier.predictor
+            log.info("model %s %s loaded on %s", p.describe()["name"], p.describe()["version"], p.provider)
+        else:
+            exc = outcome["error"]
+            message = f"{exc.reason}: {exc.message}"
+            if reload and self._classifier is not None:
+                self._reload_error = message
+                log.error("reload failed, the previous model keeps serving: %s", message)
+            else:
+                self._fault = (f"no usable model: {message}. Fix the ModelPath/Provider properties "
+                               "(or put the model file in place) and run Init")
+                log.error(self._fault)
+        self._refresh_state()
+
+    # -- state --------------------------------------------------------------------------------------
+    def _refresh_state(self) -> None:
+        classifier = self._classifier
+        if classifier is None:
+            if self._loading:
+                self.set_state(DevState.INIT)
+                self.set_status(f"Loading model {self.ModelPath or '(bundled default)'}...")
+            else:
+                self.set_state(DevState.FAULT)
+                self.set_status(self._fault or "no usable model")
+            return
+        p = classifier.predictor
+        ident = p.describe()
+        problems = list(self._notes)
+        if p.degraded:
+            problems.insert(0, f"degraded: provider {p.requested_provider!r} requested but running on {p.provider}")
+        if self._results is not None and self._results.failures:
+            problems.append(f"results log: {self._results.failures} rows not written, last: {self._results.last_error}")
+        lines = [f"Model {ident['name']} {ident['version']} (sha256 {ident['sha256'][:12]}) on {p.provider}."]
+        lines.append(f"ClassifyFile reads under {classifier.data_root}." if classifier.data_root
+                     else "ClassifyFile disabled (no DataRoot).")
+        if self._results is not None:
+            lines.append(f"Results logged to {self._results.path}.")
+        if self._reload_error:
+            lines.append(f"Last Reload failed, this model keeps serving: {self._reload_error}")
+        if self._running:
+            state, head = DevState.RUNNING, "Classifying."
+        elif problems:
+            state, head = DevState.ALARM, "ALARM: " + "; ".join(problems) + "."
+        else:
+            state, head = DevState.ON, "Ready."
+        self.set_state(state)
+        self.set_status("\n".join([head, *lines]))
+
+    # -- classification (one path for both commands) -----------------------------------------------
+    def _classify(self, name: str, build) -> str:
+        t0 = time.perf_counter()
+        request, classifier = None, self._classifier
+        try:
+            if classifier is None:
+                if self._loading:
+                    raise Busy("the model is still loading (state INIT); try again shortly")
+                raise ModelUnavailable(self._fault or "no usable model")
+            request = build()  # checked before waiting: a bad request is refused at once, not after BUSY_WAIT_S
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            if not self._work.acquire(timeout=BUSY_WAIT_S):
+                raise Busy(f"another classification is running (waited {BUSY_WAIT_S} s); try again")
+        except Exception as exc:
+            self._refuse(name, exc, request, classifier)
+        # Holding the lock until the row is logged: Init cannot close the results log under a reply.
+        try:
+            self._running = True
+            self._refresh_state()
+            try:
+                reply = classifier.classify(request, decode_ms=decode_ms).reply
+            except Exception as exc:
+                self._refuse(name, exc, request, classifier)
+            self._stats.record(True, reply["timings_ms"]["total"])
+            self._log(reply, request, classifier)  # before the reply leaves: a received reply is a logged reply
+            text = protocol.encode(reply).decode("utf-8")
+            self._last = LastResult(np.asarray(reply["probabilities"], dtype=np.float64), reply["label"],
+                                    request.request_id, float(reply["timings_ms"]["total"]), text)
+            self.push_change_event("probabilities", self._last.probabilities)
+            self.push_change_event("label", self._last.label)
+            return text
+        finally:
+            self._running = False
+            self._work.release()
+            self._refresh_state()
+
+    def _refuse(self, name: str, exc: Exception, request, classifier) -> None:
+        """Count and log a refusal, then raise it as DevFailed with the protocol reason (SPEC §4)."""
+        if not isinstance(exc, DefectscopeError):  # a bug fails this request, never the device
+            log.exception("%s failed", name)
+            exc = Internal(f"{type(exc).__name__}: {exc}"[:300])
+        self._stats.record(False, reason=exc.reason)
+        self._log(protocol.error_reply(request.request_id if request else None, exc), request, classifier)
+        self._refresh_state()
+        tango.Except.throw_exception(exc.reason, exc.message, f"DefectClassifier.{name}")
+
+    def _log(self, reply: dict, request, classifier) -> None:
+        if self._results is None:
+            return
+        predictor = classifier.predictor if classifier is not None else None
+        self._results.append(reply, source=describe_source(request) if request is not None else "",
+                             model=predictor.describe() if predictor else None,
+                             provider=predictor.provider if predictor else None)
+
+    def _map_request(self, values) -> protocol.Request:
+        values = np.ascontiguousarray(values, dtype="<f4").ravel()
+        n = int(round(values.size ** (1.0 / 3.0)))
+        if values.size == 0 or n**3 != values.size:
+            raise ShapeMismatch(f"ClassifyMap takes n^3 values (one cubic map, C order, axes {CANONICAL_AXES}); "
+                                f"got {values.size}, which is not a cube")
+        rid = _new_request_id()
+        header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid,
+                  "input": {"kind": "map", "shape": [n, n, n], "dtype": "<f4", "axes": CANONICAL_AXES}}
+        # Raw bytes, as the ZeroMQ server receives them: the same checks (sizes, dtype) in the same order.
+        return protocol.parse_classify(header, rid, [values.view(np.uint8)], self._limits)
+
+    def _file_request(self, text: str) -> protocol.Request:
+        try:
+            args = json.loads(text)
+        except ValueError:
+            raise BadMessage('ClassifyFile takes a JSON object {"path", "dataset", "kind", "geometry"}') from None
+        if not isinstance(args, dict):
+            raise BadMessage(f"ClassifyFile takes a JSON object, got {type(args).__name__}")
+        unknown = sorted(set(args) - FILE_ARG_KEYS)
+        if unknown:
+            raise BadMessage(f"ClassifyFile got unknown keys {unknown}; allowed: {sorted(FILE_ARG_KEYS)}")
+        rid = args.pop("request_id", None) or _new_request_id()
+        if not isinstance(rid, str) or len(rid) > protocol.MAX_REQUEST_ID:
+            raise BadMessage(f"request_id must be a string of at most {protocol.MAX_REQUEST_ID} characters")
+        kind = args.pop("kind", None) or ("scan" if args.get("geometry") is not None else "map")
+        if kind == "scan":
+            geometry = args.get("geometry") or {}
+            if not isinstance(geometry, dict):
+                raise BadGeometry("geometry must be a JSON object (a preset and/or explicit fields)")
+            if "preset" not in geometry and self.GeometryPreset:
+                geometry = {"preset": self.GeometryPreset, **geometry}
+            if not geometry:
+                raise BadGeometry("a 'scan' file needs a geometry (or the device's GeometryPreset property)")
+            args["geometry"] = geometry
+        elif kind == "map":
+            if args.get("geometry") is not None:
+                raise BadMessage("geometry is only for kind 'scan' (a raw rocking scan); a 'map' is already in q")
+        else:
+            raise BadMessage(f"kind {str(kind)[:32]!r} is unknown; ClassifyFile kinds are 'map' and 'scan'")
+        header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid, "input": {"kind": "file", **args}}
+        return protocol.parse_classify(header, rid, [], self._limits)
+
+    # -- commands -----------------------------------------------------------------------------------
+    @command(dtype_in=str, dtype_out=str,
+             doc_in='JSON {"path", "dataset", "kind": "map"|"scan", "geometry", "request_id"}; path relative to DataRoot',
+             doc_out="JSON reply of protocol defectscope/1 (probabilities, label, timings_ms, warnings)")
+    def ClassifyFile(self, argin: str) -> str:
+        return self._classify("ClassifyFile", lambda: self._file_request(argin))
+
+    @command(dtype_in="DevVarFloatArray", dtype_out=str,
+             doc_in="n^3 intensities of one map, C order, canonical frame (axis 0 along Q)",
+             doc_out="JSON reply of protocol defectscope/1")
+    def ClassifyMap(self, argin) -> str:
+        return self._classify("ClassifyMap", lambda: self._map_request(argin))
+
+    @command(doc_in="re-read ModelPath and Provider and load that model; on failure the model in use keeps serving")
+    def Reload(self):
+        with self._load_gate:
+            if self._loading:
+                tango.Except.throw_exception("BUSY", "a model is already loading; try again shortly",
+                                             "DefectClassifier.Reload")
+            keep = {name: getattr(self, name) for name in ("DataRoot", "ResultsFile", "GeometryPreset")}
+            self.get_device_properties()  # ModelPath/Provider as the database holds them now
+            for name, value in keep.items():  # the others change with Init only (they are in use)
+                setattr(self, name, value)
+            self.ModelPath, self.Provider = (self.ModelPath or "").strip(), (self.Provider or "").strip()
+            done, outcome = self._begin_load(self._model_config(), reload=True)
+        if done.wait(RELOAD_WAIT_S) and "error" in outcome:
+            exc = outcome["error"]
+            still = "; the previous model keeps serving" if self._classifier is not None else ""
+            tango.Except.throw_exception(exc.reason, f"reload failed: {exc.message}{still}", "DefectClassifier.Reload")
+
+    # -- attributes ---------------------------------------------------------------------------------
+    @attribute(dtype=(float,), max_dim_x=MAX_CLASSES, doc="class probabilities of the last classification (order: classes)")
+    def probabilities(self):
+        return self._last.probabilities
+
+    @attribute(dtype=str, doc="most probable class of the last classification")
+    def label(self):
+        return self._last.label
+
+    @attribute(dtype=(str,), max_dim_x=MAX_CLASSES, doc="class names in the order of probabilities")
+    def classes(self):
+        c = self._classifier
+        return list(c.predictor.classes) if c is not None else []
+
+    @attribute(dtype=str, doc="name and version of the model in use")
+    def model_version(self):
+        c = self._classifier
+        return "" if c is None else "{name} {version}".format(**c.predictor.describe())
+
+    @attribute(dtype=str, doc="ONNX Runtime execution provider actually in use")
+    def provider(self):
+        c = self._classifier
+        return "" if c is None else c.predictor.provider
+
+    @attribute(dtype=float, unit="ms", doc="total time of the last classification (decode + prepare + infer)")
+    def last_latency_ms(self):
+        return self._last.latency_ms
+
+    @attribute(dtype=int, doc="classification requests since Init (refused ones included)")
+    def requests_total(self):
+        return self._stats.requests_total
+
+    @attribute(dtype=int, doc="refused or failed classification requests since Init")
+    def requests_failed(self):
+        return self._stats.requests_failed
+
+    @attribute(dtype=str, doc="request id of the classification the probabilities/label attributes show")
+    def last_request_id(self):
+        return self._last.request_id
+
+    @attribute(dtype=str, doc="the whole JSON reply of the last classification (warnings, timings, preparation)")
+    def last_reply(self):
+        return self._last.reply
+
+
+def main(args=None):
+    """``DefectClassifier INSTANCE [tango options]``: run the device server."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # run_server names the server after the class, not argv[0]: ``python -m`` registers the same way.
+    return DefectClassifier.run_server(args=sys.argv[1:] if args is None else list(args))
+
+
+if __name__ == "__main__":
+    main()
