@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow serve bench install clean tango-db
+.PHONY: demo test test-slow serve bench install clean tango-db
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,15 @@ $(BIN)/python:
 
 # Reinstall whenever pyproject.toml changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,tango]"
+	$(BIN)/python -m pip install -q -e ".[test,train]"
 	touch $@
 
 install: $(STAMP)
+
+# The main job: serve the bundled 3-class model, classify simulated examples of each class (and the
+# measured 34-ID-C scan when ../shared/data is there) through the real client; table + demo_out/demo.png.
+demo: $(STAMP)
+	$(BIN)/defectscope demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -28,6 +33,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m defectscope.benchmarks.bench_orthonormalise
+	$(BIN)/python -m defectscope.benchmarks.bench_simulate
 
 # A local Tango database for the real-database test (root; Debian/Ubuntu). Then: export TANGO_HOST=127.0.0.1:10000
 tango-db:

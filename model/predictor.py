@@ -69,6 +69,9 @@ class Predictor:
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
         options.log_severity_level = 3
+        # Maps normalised to max 1 can carry denormal floats far from the peak; on CPUs they make
+        # ONNX Runtime ~50x slower (measured on synthetic maps). Flushing them to zero changes no class.
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own types for corrupt or foreign files

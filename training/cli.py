@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
+    from defectscope.training.train_cli import register_train  # train, evaluate (training/train_cli.py)
+    register_train(sub)
 
 
 def cmd_simulate(args) -> int:

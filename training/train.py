@@ -1,0 +1,535 @@
+"""Training: Adam + categorical cross-entropy, best validation accuracy kept, resumable, calibrated, exported.
+
+``train(files, out_dir, config)`` is what ``defectscope train`` runs:
+
+1. prepare the train and validation splits with the ``PipelineConfig`` (cached, ``training.data``);
+2. fit with Adam at ``learning_rate``; after ``plateau_patience`` epochs without a new validation-accuracy
+   maximum the rate drops once to ``final_learning_rate`` (the paper lowered 1e-3 to 5e-4 at the end);
+   after ``stop_patience`` more epochs without a maximum, or at ``epochs``, training stops. The weights of
+   the validation-accuracy maximum are kept (the paper stopped there);
+3. every epoch writes a checkpoint (model with optimizer state, best weights, the loop's state), so an
+   interrupted run continues with ``resume=True`` from where it was, and, data order and dropout being
+   seeded per epoch, ends with the weights an uninterrupted run would have;
+4. fits the temperature on the validation split (``training.calibration``) and folds it into the model;
+5. exports ONNX + card + ``.keras`` (``training.export``), checks ONNX/Keras parity on test maps, and
+   scores the test split through the serving path (``training.evaluate``) into the card.
+
+Fine-tuning (``init=MODEL.keras``) starts from a trained model's weights, by default at a tenth of the
+learning rates; add labelled measured maps as another data file (``training.data`` layout 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from defectscope.preprocessing.config import PipelineConfig
+from defectscope.training import data as data_mod
+from defectscope.training.model import CLASS_SETS, Architecture, default_architecture
+
+from defectscope.errors import BadMessage, Internal
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+FINE_TUNE_LR_FACTOR = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of one training run; recorded in the checkpoint state and the model card.
+
+    ``None`` learning rates and batch take the paper's value for the class count: 3 classes lr 1e-3
+    (then 5e-4), batch 64; 2 classes lr 2e-3 (then 1e-3), batch 32.
+    """
+
+    classes: int = 3
+    epochs: int = 150
+    batch: int | None = None
+    learning_rate: float | None = None
+    final_learning_rate: float | None = None
+    plateau_patience: int = 10
+    stop_patience: int = 15
+    seed: int = 0
+    augment: bool = True
+    cache: bool = True
+    architecture: dict | None = None
+    parity_maps: int = 100
+    split_fractions: tuple[float, float, float] = data_mod.DEFAULT_SPLIT_FRACTIONS
+
+    def __post_init__(self):
+        if self.classes not in CLASS_SETS:
+            raise BadMessage(f"classes must be 3 or 2, got {self.classes!r}")
+        for name in ("epochs", "plateau_patience", "stop_patience", "parity_maps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs" else 0):
+                raise BadMessage(f"train config {name} must be a non-negative integer (epochs >= 1), got {value!r}")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise BadMessage(f"train config batch must be a positive integer, got {self.batch!r}")
+        for name in ("learning_rate", "final_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise BadMessage(f"train config {name} must lie in (0, 1), got {value!r}")
+        if self.architecture is not None:
+            try:
+                Architecture.from_dict(self.architecture)
+            except (TypeError, KeyError) as exc:
+                raise BadMessage(f"train config architecture is malformed: {exc}") from None
+        object.__setattr__(self, "split_fractions", tuple(float(v) for v in self.split_fractions))
+
+    @property
+    def paper_defaults(self) -> dict:
+        return {3: {"batch": 64, "learning_rate": 1e-3, "final_learning_rate": 5e-4},
+                2: {"batch": 32, "learning_rate": 2e-3, "final_learning_rate": 1e-3}}[self.classes]
+
+    def resolved(self, fine_tune: bool = False) -> "TrainConfig":
+        """Fill the ``None`` fields (paper values; a tenth of the rates when fine-tuning)."""
+        d = self.paper_defaults
+        factor = FINE_TUNE_LR_FACTOR if fine_tune else 1.0
+        arch = self.architecture or default_architecture(self.classes).to_dict()
+        return dataclasses.replace(
+            self,
+            batch=self.batch or d["batch"],
+            learning_rate=self.learning_rate or d["learning_rate"] * factor,
+            final_learning_rate=self.final_learning_rate or d["final_learning_rate"] * factor,
+            architecture=arch,
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["split_fractions"] = list(self.split_fractions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BadMessage(f"train config has unknown options {unknown}")
+        return cls(**d)
+
+
+def load_run_config(path) -> tuple[dict, dict]:
+    """A run config file: JSON or TOML with optional ``train`` and ``pipeline`` tables.
+
+    Returns (train options, pipeline options) as plain dicts; the caller lets command-line flags win.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise BadMessage(f"cannot read config {str(path)!r}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text.decode())
+        else:
+            d = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadMessage(f"config {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
+    if not isinstance(d, dict) or set(d) - {"train", "pipeline"}:
+        raise BadMessage(f"config {str(path)!r} must hold only 'train' and/or 'pipeline' tables")
+    return dict(d.get("train", {})), dict(d.get("pipeline", {}))
+
+
+# -- checkpoint state ----------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What the epoch loop needs to continue exactly: written after every epoch."""
+
+    epoch: int = 0  # epochs completed
+    best_val_accuracy: float = -1.0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    lowered: bool = False
+    learning_rate: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+    model_file: str = ""
+    best_file: str = ""
+    stopped: str = ""
+
+    def improved(self, acc: float, loss: float) -> bool:
+        # Ties in accuracy (small validation sets) are broken by the loss.
+        return acc > self.best_val_accuracy or (acc == self.best_val_accuracy and loss < self.best_val_loss)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def reseed(model, seed: int, epoch: int) -> None:
+    """Set every dropout layer's random state from (seed, epoch): a resumed epoch drops what it would have."""
+    import keras
+
+    for k, layer in enumerate(model.layers):
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None:
+            base = (seed * 1_000_003 + k * 7919) % (2**31 - 1)
+            gen.state.assign(keras.ops.convert_to_tensor([base, epoch * 1_000_000], dtype=gen.state.dtype))
+
+
+# -- the run -------------------------------------------------------------------------------------------
+class Run:
+    """One training run in ``out_dir``: data, model, loop, export. ``execute()`` does it all."""
+
+    def __init__(self, data_paths, out_dir, config: TrainConfig, *, pipeline: PipelineConfig | None = None,
+                 init=None, resume: bool = False, force: bool = False, name: str | None = None,
+                 model_version: str = "1.0", command: str = "", progress: bool = True, log=print, cache_dir=None):
+        self.data_paths = [Path(p) for p in ([data_paths] if isinstance(data_paths, (str, Path)) else data_paths)]
+        if not self.data_paths:
+            raise BadMessage("no training data given")
+        self.out = Path(out_dir)
+        self.ckpt = self.out / CHECKPOINT_DIR
+        self.init = Path(init) if init else None
+        self.resume, self.force = resume, force
+        self.name = name or f"defectscope-{config.classes}class"
+        self.model_version, self.command = model_version, command
+        self.progress, self.log = progress, log
+        self.pipeline = pipeline
+        self.config = config
+        self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
+        self.classes = CLASS_SETS[config.classes]
+        self.state = LoopState()
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_out_dir(self) -> None:
+        state_path = self.ckpt / STATE_FILE
+        if self.resume:
+            if not state_path.is_file():
+                raise BadMessage(f"nothing to resume: {str(state_path)!r} does not exist")
+            saved = json.loads(state_path.read_text())
+            if saved.get("version") != STATE_VERSION:
+                raise BadMessage(f"{str(state_path)!r} was written by another version of defectscope train")
+            # The saved run's settings win, except a longer --epochs to extend it.
+            epochs = self.config.epochs
+            self.config = TrainConfig.from_dict(saved["config"])
+            extended = epochs > self.config.epochs
+            if extended:
+                self.config = dataclasses.replace(self.config, epochs=epochs)
+            self.pipeline = PipelineConfig.from_dict(saved["pipeline"])
+            self.name, self.model_version = saved["name"], saved["model_version"]
+            self.init = Path(saved["init"]) if saved.get("init") else None
+            self.classes = CLASS_SETS[self.config.classes]
+            loop = {k: v for k, v in saved["loop"].items() if k in {f.name for f in dataclasses.fields(LoopState)}}
+            self.state = LoopState(**loop)
+            if extended:  # more epochs asked for: an early stop of the saved run no longer holds
+                self.state.stopped = ""
+            self._saved_data = saved["data"]
+            self._saved_command = saved.get("command", "")
+        elif state_path.is_file():
+            if not self.force:
+                raise BadMessage(f"{str(self.out)!r} holds a run's checkpoints: --resume to continue it, --force to start over")
+            for stale in [*self.ckpt.glob("epoch-*.keras"), *self.ckpt.glob("best-*.weights.h5"), state_path]:
+                stale.unlink()
+
+    def _resolve_pipeline(self) -> PipelineConfig:
+        if self.pipeline is not None:
+            return self.pipeline
+        if self.init is not None:  # fine-tuning keeps the preparation the model was trained with
+            sibling = self.init.with_suffix(".onnx")
+            if sibling.is_file():
+                import onnx
+                from defectscope.model.metadata import parse_metadata
+
+                proto = onnx.load(str(sibling), load_external_data=False)
+                return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(sibling)).pipeline
+            self.log(f"warning: no {sibling.name} next to {self.init.name}: using the default pipeline config")
+        return PipelineConfig()
+
+    def _open_data(self):
+        files = [data_mod.open_map_file(p, seed=self.config.seed, split_fractions=self.config.split_fractions)
+                 for p in self.data_paths]
+        identity = [mf.identity() for mf in files]
+        if self.resume and [{k: d[k] for k in ("bytes", "n")} for d in self._saved_data] != \
+                [{k: d[k] for k in ("bytes", "n")} for d in identity]:
+            for mf in files:
+                mf.close()
+            raise BadMessage("the data files differ from those of the run being resumed")
+        return files
+
+    def _build(self):
+        import keras
+        from defectscope.training.model import architecture_of, build_model, load_model, set_temperature
+
+        cfg = self.config
+        arch = Architecture.from_dict(cfg.architecture)
+        if self.resume and self.state.model_file:
+            model = load_model_compiled(self.ckpt / self.state.model_file)
+            model.optimizer.learning_rate.assign(self.state.learning_rate)
+            return model
+        if self.init is not None:
+            if not self.init.is_file():
+                raise BadMessage(f"--init model {str(self.init)!r} does not exist")
+            model = load_model(self.init)
+            n_out = int(model.output.shape[-1])
+            if n_out != cfg.classes:
+                raise BadMessage(f"--init model has {n_out} classes, this run trains {cfg.classes} (use --classes {n_out})")
+            self.config = cfg = dataclasses.replace(cfg, architecture=architecture_of(model).to_dict())
+            set_temperature(model, 1.0)  # calibrated again at the end
+        else:
+            model = build_model(cfg.classes, arch, shape=self.pipeline.shape, seed=cfg.seed)
+        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
+                      metrics=["accuracy"])
+        self.state.learning_rate = cfg.learning_rate
+        return model
+
+    # ------------------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        import keras
+
+        self._check_out_dir()
+        self.config = self.config.resolved(fine_tune=self.init is not None) if not self.resume else self.config
+        self.pipeline = self._resolve_pipeline()
+        cfg = self.config
+        keras.utils.set_random_seed(cfg.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        files = self._open_data()
+        try:
+            return self._execute(files)
+        finally:
+            for mf in files:
+                mf.close()
+
+    def _streams(self, files):
+        cfg = self.config
+        streams = {}
+        for split in data_mod.SPLIT_NAMES:
+            examples = data_mod.select(files, split, self.classes)
+            cache = None
+            if cfg.cache and examples.n:
+                cache = data_mod.PreparedCache(self.cache_dir, split, examples, self.pipeline)
+                if not cache.ready():
+                    self.log(f"preparing {examples.n} {split} maps (cached in {cache.array_path.parent})")
+                cache.build(progress=self.progress, log=self.log)
+            streams[split] = data_mod.MapStream(examples, self.pipeline, cache=cache, shuffle=split == "train",
+                                                augment=cfg.augment and split == "train", seed=cfg.seed)
+        return streams
+
+    def _execute(self, files) -> dict:
+        streams = self._streams(files)
+        train, val = streams["train"], streams["validation"]
+        if len(train) == 0:
+            raise BadMessage("the training split is empty")
+        self._split_sizes = {split: len(stream) for split, stream in streams.items()}
+        self.log(f"data: {len(train)} train / {len(val)} validation / {len(streams['test'])} test maps, "
+                 f"classes {list(self.classes)}")
+        model = self._build()
+        self._data_identity = [mf.identity() for mf in files]
+        self._data_summary = [mf.summary() for mf in files]
+        if not self.resume:
+            self._save_state()
+        self._loop(model, train, val)
+
+        best = self.ckpt / self.state.best_file
+        if self.state.best_file and best.is_file():
+            model.load_weights(best)
+        result = self._finish(model, streams)
+        return result
+
+    def _loop(self, model, train, val) -> None:
+        cfg, st = self.config, self.state
+        train_ds = train.dataset(cfg.batch)
+        val_ds = val.dataset(cfg.batch) if len(val) else None
+        verbose = 1 if self.progress and sys.stdout.isatty() else 0
+        while st.epoch < cfg.epochs and not st.stopped:
+            epoch = st.epoch
+            train.epoch = epoch
+            reseed(model, cfg.seed, epoch)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                # Without the cache the number of maps per epoch is unknown in advance (refusals): expected.
+                warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+                h = model.fit(train_ds, epochs=1, verbose=verbose, shuffle=False).history
+            seconds = time.perf_counter() - t0
+            if val_ds is not None:
+                val.epoch = 0
+                val_loss, val_acc = model.evaluate(val_ds, verbose=0)
+            else:  # no validation split: judge on the training numbers (reported as such)
+                val_loss, val_acc = h["loss"][-1], h["accuracy"][-1]
+            record = {"epoch": epoch + 1, "loss": float(h["loss"][-1]), "accuracy": float(h["accuracy"][-1]),
+                      "val_loss": float(val_loss), "val_accuracy": float(val_acc),
+                      "learning_rate": float(st.learning_rate), "seconds": round(seconds, 2),
+                      "samples_per_s": round(len(train) / seconds, 1)}
+            st.history.append(record)
+            st.epoch = epoch + 1
+            if st.improved(val_acc, val_loss):
+                st.best_val_accuracy, st.best_val_loss, st.best_epoch, st.since_best = float(val_acc), float(val_loss), st.epoch, 0
+                self._save_best(model)
+            else:
+                st.since_best += 1
+            if not st.lowered and st.since_best >= cfg.plateau_patience and cfg.final_learning_rate < st.learning_rate:
+                st.lowered, st.since_best = True, 0
+                st.learning_rate = cfg.final_learning_rate
+                model.optimizer.learning_rate.assign(st.learning_rate)
+                self.log(f"  validation accuracy flat for {cfg.plateau_patience} epochs: learning rate -> {st.learning_rate:g}")
+            elif st.lowered and cfg.stop_patience and st.since_best >= cfg.stop_patience:
+                st.stopped = f"no new validation-accuracy maximum for {cfg.stop_patience} epochs after lowering the rate"
+            self._save_checkpoint(model)
+            self.log(f"epoch {st.epoch}/{cfg.epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}  "
+                     f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
+                     f"({record['samples_per_s']:.0f} maps/s){'  *best' if st.best_epoch == st.epoch else ''}")
+        if st.stopped:
+            self.log(f"stopped: {st.stopped}")
+
+    # ------------------------------------------------------------------------------------------------
+    def _save_best(self, model) -> None:
+        name = f"best-{self.state.epoch:04d}.weights.h5"
+        model.save_weights(self.ckpt / name)
+        old, self.state.best_file = self.state.best_file, name
+        self._pending_delete = [old] if old and old != name else []
+
+    def _save_checkpoint(self, model) -> None:
+        name = f"epoch-{self.state.epoch:04d}.keras"
+        tmp = self.ckpt / f"epoch-{self.state.epoch:04d}.partial.keras"
+        model.save(tmp)
+        os.replace(tmp, self.ckpt / name)
+        old, self.state.model_file = self.state.model_file, name
+        self._save_state()  # the state names the new files only once they are complete
+        for stale in [old, *getattr(self, "_pending_delete", [])]:
+            if stale and stale not in (self.state.model_file, self.state.best_file):
+                (self.ckpt / stale).unlink(missing_ok=True)
+        self._pending_delete = []
+
+    def _save_state(self) -> None:
+        _write_json_atomic(self.ckpt / STATE_FILE, {
+            "version": STATE_VERSION, "name": self.name, "model_version": self.model_version,
+            "config": self.config.to_dict(), "pipeline": self.pipeline.to_dict(),
+            "init": str(self.init) if self.init else None, "data": self._data_identity,
+            "command": self.command if not self.resume else getattr(self, "_saved_command", self.command),
+            "loop": dataclasses.asdict(self.state),
+        })
+
+    # ------------------------------------------------------------------------------------------------
+    def _finish(self, model, streams) -> dict:
+        from defectscope.training import calibration, export
+        from defectscope.training.evaluate import evaluate_model, summary_metrics
+        from defectscope.training.model import logits_model, set_temperature
+
+        cfg, st = self.config, self.state
+        val = streams["validation"]
+        temperature, calib = 1.0, {"fitted_on": None}
+        if len(val):
+            set_temperature(model, 1.0)
+            logits, labels = _logits(logits_model(model), val, cfg.batch)
+            temperature = calibration.fit_temperature(logits, labels)
+            calib = {"fitted_on": "validation", "n": int(labels.size),
+                     "nll_before": round(calibration.nll(logits, labels, 1.0), 5),
+                     "nll_after": round(calibration.nll(logits, labels, temperature), 5)}
+        set_temperature(model, temperature)
+        self.log(f"temperature {temperature:.4f} (validation NLL {calib.get('nll_before')} -> {calib.get('nll_after')})")
+
+        onnx_path = self.out / f"{self.name}.onnx"
+        card = self._card(temperature, calib, test_metrics={})
+        export.export_model(model, onnx_path, pipeline=self.pipeline, card=card)
+
+        parity_stream = streams["test"] if len(streams["test"]) else val if len(val) else streams["train"]
+        maps, _ = parity_stream.arrays(limit=cfg.parity_maps)
+        worst = export.parity(model, onnx_path, maps)
+        if not worst <= export.PARITY_TOLERANCE:
+            raise Internal(f"ONNX and Keras disagree by {worst:.3g} (> {export.PARITY_TOLERANCE:g}) on {len(maps)} maps")
+        self.log(f"exported {onnx_path} (ONNX vs Keras max |diff| {worst:.2e} on {len(maps)} maps)")
+
+        metrics = {}
+        if len(streams["test"]):
+            metrics = evaluate_model(onnx_path, self.data_paths, split="test", seed=cfg.seed,
+                                     split_fractions=cfg.split_fractions, progress=self.progress)
+            _write_json_atomic(self.out / f"{self.name}.test-metrics.json", metrics)
+            self.log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['n']} maps")
+        card = self._card(temperature, calib, test_metrics=summary_metrics(metrics) if metrics else {},
+                          parity=worst, n_parity=len(maps))
+        export.update_card(onnx_path, card)
+        _write_json_atomic(self.out / "history.json", st.history)
+        _plot_history(st.history, self.out / "training-curves.png", st.best_epoch)
+        return {"onnx": str(onnx_path), "keras": str(onnx_path.with_suffix(".keras")), "card": card,
+                "temperature": temperature, "parity_max_abs": worst, "test_metrics": metrics}
+
+    def _card(self, temperature, calib, test_metrics, parity=None, n_parity=None) -> dict:
+        import keras
+        import tensorflow as tf
+        from defectscope.training.export import changes_from_paper, utc_now
+
+        from defectscope import __version__
+
+        cfg, st = self.config, self.state
+        card = {
+            "name": self.name, "version": self.model_version, "classes": list(self.classes), "created": utc_now(),
+            "training_data": {"files": self._data_summary, "seed": cfg.seed, "maps_used": self._split_sizes},
+            "test_metrics": test_metrics,
+            "training_command": self.command or getattr(self, "_saved_command", ""),
+            "changes_from_paper": changes_from_paper(cfg.architecture, augment=cfg.augment, classes=cfg.classes),
+            "architecture": cfg.architecture,
+            "training": {"config": cfg.to_dict(), "epochs_run": st.epoch, "best_epoch": st.best_epoch,
+                         "best_val_accuracy": st.best_val_accuracy, "stopped": st.stopped or "epoch limit",
+                         "fine_tuned_from": str(self.init) if self.init else None,
+                         "temperature": temperature, "calibration": calib,
+                         "onnx_keras_parity_max_abs": parity, "parity_maps": n_parity,
+                         "software": {"defectscope": __version__, "tensorflow": tf.__version__,
+                                      "keras": keras.__version__, "python": platform.python_version()}},
+        }
+        return card
+
+
+def load_model_compiled(path):
+    import keras
+    from defectscope.training.model import temperature_scaling_class
+
+    temperature_scaling_class()
+    return keras.models.load_model(path, compile=True)
+
+
+def _logits(model, stream, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of a whole split, batch by batch (the split is streamed, not held)."""
+    out, labels = [], []
+    xs, ys = [], []
+    for x, y in stream():
+        xs.append(x)
+        ys.append(int(np.argmax(y)))
+        if len(xs) == batch:
+            out.append(np.asarray(model(np.stack(xs), training=False)))
+            labels += ys
+            xs, ys = [], []
+    if xs:
+        out.append(np.asarray(model(np.stack(xs), training=False)))
+        labels += ys
+    return np.concatenate(out), np.asarray(labels, dtype=np.int64)
+
+
+def _plot_history(history: list, path: Path, best_epoch: int) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [h["accuracy"] for h in history], label="train")
+    a.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+    a.set_xlabel("epoch")
+    a.set_ylabel("accuracy")
+    b.plot(epochs, [h["loss"] for h in history], label="train")
+    b.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    b.set_xlabel("epoch")
+    b.set_ylabel("cross-entropy")
+    for ax in (a, b):
+        if best_epoch:
+            ax.axvline(best_epoch, color="0.6", ls="--", lw=0.8)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
