@@ -43,7 +43,8 @@ def cmd_serve(args) -> int:
             results = ResultsLog(args.results, server="zmq")
         except ResultsLogError as exc:
             return _fail(str(exc))
-    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s, results=results)
+    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s, results=results,
+                    curve_secret_file=args.curve_secret, curve_allow_dir=args.curve_allow)
     server.start()
 
     stopping = threading.Event()
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (tcp://127.0.0.1:* picks a free port)")
     p.add_argument("--data-root", help="directory that 'file' requests may read (off when absent)")
     p.add_argument("--results", help="HDF5 results log: one row per reply, flushed, readable while serving (SWMR)")
+    p.add_argument("--curve-secret", help="CURVE: the server's zmq.auth .key_secret file (with --curve-allow)")
+    p.add_argument("--curve-allow", help="CURVE: directory of allowed client public .key files")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")

@@ -36,6 +36,8 @@ class Server:
         drain_s: float = 10.0,
         context: zmq.Context | None = None,
         results=None,
+        curve_secret_file: str | None = None,
+        curve_allow_dir: str | None = None,
     ):
         """``results``: a ``server.results.ResultsLog``; every classify reply (errors too) is appended
         and flushed before it is sent, so the log holds every answer a client could have seen."""
@@ -45,6 +47,13 @@ class Server:
         self.n_workers = max(1, int(workers))
         self.drain_s = drain_s
         self.results = results
+        # CURVE (SPEC §4, off loopback): the server's key pair from a zmq.auth ``.key_secret`` file and a
+        # directory of allowed client public keys; a client without a listed key never gets through the
+        # handshake (libzmq drops it before any request is read, so it gets no reply at all).
+        if (curve_secret_file is None) != (curve_allow_dir is None):
+            raise ValueError("CURVE needs both the server secret key file and the client allow-list directory")
+        self.curve = (curve_secret_file, curve_allow_dir) if curve_secret_file else None
+        self._authenticator = None
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue = queue.Queue(maxsize=self.limits.queue_length)
         self._in_flight = 0
@@ -101,6 +110,8 @@ class Server:
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client's reply is dropped, not an error
         # Per-frame ceiling enforced by libzmq before the frame is buffered in full.
         router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + protocol.MAX_HEADER_BYTES)
+        if self.curve:
+            self._start_curve(router)
         router.bind(self.bind)
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         replies = self._ctx.socket(zmq.PULL)
@@ -137,6 +148,22 @@ class Server:
             self._forward(replies, router)
             replies.close(0)
             router.close()
+            if self._authenticator is not None:
+                self._authenticator.stop()
+
+    def _start_curve(self, router) -> None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        secret_file, allow_dir = self.curve
+        public, secret = zmq.auth.load_certificate(secret_file)
+        if secret is None:
+            raise ValueError(f"{secret_file} holds no secret key (use the server's .key_secret file)")
+        self._authenticator = ThreadAuthenticator(self._ctx)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(allow_dir))
+        router.curve_publickey, router.curve_secretkey = public, secret
+        router.curve_server = True
 
     def _forward(self, replies, router) -> None:
         while True:
