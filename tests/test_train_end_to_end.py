@@ -236,3 +236,20 @@ def test_evaluate_errors_are_one_line(tmp_path, trained, capsys):
     assert main(["evaluate", str(trained / "defectscope-3class.onnx"), str(tmp_path / "missing.h5")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err
+
+
+def test_resume_with_fewer_epochs_ends_the_run_and_exports(tmp_path, dataset):
+    """A long run can be stopped and exported: --resume with a smaller --epochs finishes at once."""
+    Run([dataset], tmp_path / "run", tiny_config(2), **QUIET).execute()
+    result = Run([dataset], tmp_path / "run", tiny_config(1), resume=True, **QUIET).execute()
+    assert result["card"]["training"]["epochs_run"] == 2
+    assert (tmp_path / "run" / "defectscope-3class.onnx").is_file()
+
+
+def test_resume_without_epochs_keeps_the_saved_cap(tmp_path, dataset, capsys):
+    """Regression: --resume without --epochs took the default 150 as an extension of a shorter run."""
+    Run([dataset], tmp_path / "run", tiny_config(1), **QUIET).execute()
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    card = json.loads((tmp_path / "run" / "defectscope-3class.card.json").read_text())
+    assert card["training"]["epochs_run"] == 1
+    assert card["training"]["config"]["epochs"] == 1

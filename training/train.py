@@ -187,7 +187,10 @@ class Run:
 
     def __init__(self, data_paths, out_dir, config: TrainConfig, *, pipeline: PipelineConfig | None = None,
                  init=None, resume: bool = False, force: bool = False, name: str | None = None,
-                 model_version: str = "1.0", command: str = "", progress: bool = True, log=print, cache_dir=None):
+                 model_version: str = "1.0", command: str = "", progress: bool = True, log=print, cache_dir=None,
+                 epochs_given: bool = True):
+        """``epochs_given``: whether ``config.epochs`` was asked for (the CLI passes whether --epochs was
+        on the command line); on ``resume`` only an asked-for epoch count changes the saved run's."""
         self.data_paths = [Path(p) for p in ([data_paths] if isinstance(data_paths, (str, Path)) else data_paths)]
         if not self.data_paths:
             raise BadMessage("no training data given")
@@ -195,6 +198,7 @@ class Run:
         self.ckpt = self.out / CHECKPOINT_DIR
         self.init = Path(init) if init else None
         self.resume, self.force = resume, force
+        self._epochs_given = epochs_given
         self.name = name or f"defectscope-{config.classes}class"
         self.model_version, self.command = model_version, command
         self.progress, self.log = progress, log
@@ -213,11 +217,12 @@ class Run:
             saved = json.loads(state_path.read_text())
             if saved.get("version") != STATE_VERSION:
                 raise BadMessage(f"{str(state_path)!r} was written by another version of defectscope train")
-            # The saved run's settings win, except a longer --epochs to extend it.
-            epochs = self.config.epochs
+            # The saved run's settings win, except --epochs: a longer one extends the run, a shorter one
+            # ends it there (at once if it is already past), calibrating and exporting its best weights.
+            epochs = self.config.epochs if self._epochs_given else None
             self.config = TrainConfig.from_dict(saved["config"])
-            extended = epochs > self.config.epochs
-            if extended:
+            extended = epochs is not None and epochs > self.config.epochs
+            if epochs is not None and epochs != self.config.epochs:
                 self.config = dataclasses.replace(self.config, epochs=epochs)
             self.pipeline = PipelineConfig.from_dict(saved["pipeline"])
             self.name, self.model_version = saved["name"], saved["model_version"]

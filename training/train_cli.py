@@ -24,7 +24,8 @@ def register_train(sub) -> None:
                    help="3: defect_free/screw/edge (default); 2: defect_free/defective")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML with optional [train] and [pipeline] tables; "
                                                    "flags given here win")
-    p.add_argument("--epochs", type=int, help="maximum number of epochs (default 150)")
+    p.add_argument("--epochs", type=int, help="maximum number of epochs (default 150); with --resume a larger "
+                   "value extends the run, a smaller one ends it there and exports its best weights")
     p.add_argument("--batch", type=int, help="batch size (default: 64 for 3 classes, 32 for 2, as the paper)")
     p.add_argument("--lr", type=float, help="initial learning rate (default: paper's; a tenth with --init)")
     p.add_argument("--seed", type=int, help="seed of initialisation, data order, dropout, augmentation (default 0)")
@@ -98,7 +99,7 @@ def cmd_train(args) -> int:
     command = train_command_line(args)
     run = Run(args.data, args.out, config, pipeline=pipeline, init=args.init, resume=args.resume, force=args.force,
               name=args.name, model_version=args.model_version, command=command, progress=not args.no_progress,
-              cache_dir=args.cache_dir)
+              cache_dir=args.cache_dir, epochs_given=args.epochs is not None)
     result = run.execute()
     acc = result["test_metrics"].get("accuracy") if result["test_metrics"] else None
     print(f"wrote {result['onnx']} (T = {result['temperature']:.3f}"
