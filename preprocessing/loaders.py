@@ -162,15 +162,28 @@ def _squeeze_to_map(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _read_hdf5(path: Path, dataset, check) -> np.ndarray:
     with h5py.File(path, "r") as f:
         name = dataset if dataset is not None else _default_dataset(f, path)
-        node = resolve_hdf5_path(f, name, path)
-        if not isinstance(node, h5py.Dataset):
-            raise BadMessage(f"{path}: {name!r} is a group, not a dataset")
-        if node.is_virtual:
-            raise PathNotAllowed(f"{path}: dataset {name!r} is a virtual dataset (reads other files)")
-        if node.external:
-            raise PathNotAllowed(f"{path}: dataset {name!r} keeps its data in external files")
+        node = safe_dataset(f, name, path)
         check(node.shape, node.dtype)
         return node[()]
+
+
+def safe_dataset(f, name: str, path: Path) -> "h5py.Dataset":
+    """The dataset at ``name``, refusing every way an HDF5 file can make us read another file.
+
+    The one place these checks live (map loaders, scan loaders, the Tango device all come here): every
+    path component is resolved link by link (external and user-defined links refused, soft links
+    followed only inside the file), then virtual datasets and external storage are refused.
+    """
+    if not isinstance(name, str) or not name.strip("/"):
+        raise BadMessage(f"{path}: dataset path must be a non-empty string, got {name!r}")
+    node = resolve_hdf5_path(f, name, path)
+    if not isinstance(node, h5py.Dataset):
+        raise BadMessage(f"{path}: {name!r} is a group, not a dataset")
+    if node.is_virtual:
+        raise PathNotAllowed(f"{path}: dataset {name!r} is a virtual dataset (reads other files)")
+    if node.external:
+        raise PathNotAllowed(f"{path}: dataset {name!r} keeps its data in external files")
+    return node
 
 
 def resolve_hdf5_path(f, name: str, path: Path, hops: int = 0):

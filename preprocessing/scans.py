@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 
 from defectscope.errors import BadGeometry, BadMessage, DtypeNotAllowed, PathNotAllowed, ShapeMismatch, TooLarge
+from defectscope.preprocessing.loaders import safe_dataset
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.geometry import PRESETS, Geometry, geometry_from_dict, load_xrayutilities
 
@@ -289,35 +290,4 @@ def load_hdf5_scan(path, dataset: str, *, mask_dataset: str | None = None, limit
 
 
 def _dataset(h5: h5py.File, name: str, path: Path) -> h5py.Dataset:
-    if not isinstance(name, str) or not name.strip("/"):
-        raise BadMessage(f"dataset path must be a non-empty string, got {name!r}")
-    _refuse_external_links(h5, name, path)
-    obj = h5.get(name)
-    if obj is None:
-        raise BadMessage(f"no dataset {name!r} in {str(path)!r}")
-    if not isinstance(obj, h5py.Dataset):
-        raise BadMessage(f"{name!r} in {str(path)!r} is a group, not a dataset")
-    if obj.is_virtual:
-        raise PathNotAllowed(f"dataset {name!r} in {str(path)!r} is virtual (its data live in other files)")
-    if obj.external:
-        raise PathNotAllowed(f"dataset {name!r} in {str(path)!r} stores its data in external files")
-    return obj
-
-
-def _refuse_external_links(h5: h5py.File, name: str, path: Path, depth: int = 0) -> None:
-    """Walk the path link by link: an external link anywhere (also behind a soft link) is refused."""
-    if depth > 16:
-        raise BadMessage(f"dataset path {name!r} in {str(path)!r} has too many soft links")
-    parts = [p for p in name.split("/") if p]
-    for i in range(1, len(parts) + 1):
-        prefix = "/" + "/".join(parts[:i])
-        link = h5.get(prefix, getlink=True)
-        if link is None:
-            return  # missing: reported by the caller
-        if isinstance(link, h5py.ExternalLink):
-            raise PathNotAllowed(f"{prefix!r} in {str(path)!r} is an external link to {link.filename!r}")
-        if isinstance(link, h5py.SoftLink):
-            target = link.path if link.path.startswith("/") else "/".join(["", *parts[: i - 1], link.path])
-            rest = "/".join(parts[i:])
-            _refuse_external_links(h5, f"{target}/{rest}" if rest else target, path, depth + 1)
-            return
+    return safe_dataset(h5, name, str(path))

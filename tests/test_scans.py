@@ -198,7 +198,7 @@ def test_hdf5_stack_and_mask_load(h5_files):
 HDF5_ERRORS = {
     "missing file": (dict(path="gone.h5"), PathNotAllowed, "gone.h5"),
     "not an hdf5 file": (dict(path="not.h5"), BadMessage, "not.h5"),
-    "missing dataset": (dict(dataset="entry_1/data"), BadMessage, "'entry_1/data'"),
+    "missing dataset": (dict(dataset="entry_1/data"), BadMessage, "entry_1/data'"),
     "group, not dataset": (dict(dataset="entry_1/instrument_1"), BadMessage, "group"),
     "external link": (dict(dataset="ext"), PathNotAllowed, "external link"),
     "external link to a group": (dict(dataset="ext_grp/data"), PathNotAllowed, "external link"),
