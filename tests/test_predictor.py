@@ -109,11 +109,15 @@ def test_predict_is_thread_safe(predictor):
     np.testing.assert_allclose(np.stack(results), expected, atol=1e-6)
 
 
-def test_denormals_are_flushed_to_zero(predictor):
-    """Denormal inputs made ONNX Runtime ~50x slower; the session flushes them (checked on the live session)."""
-    options = predictor._session.get_session_options()
-    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
-    tiny = np.full((1, 64, 64, 64), 1e-42, np.float32)  # denormal
-    tiny[0, 32, 32, 32] = 1.0
-    probs = predictor.predict(tiny)
-    assert np.all(np.isfinite(probs)) and abs(float(probs.sum()) - 1) < 1e-5
+def test_subnormal_inputs_are_zeroed_without_touching_the_process(fixture_model):
+    """Regression: ONNX Runtime's set_denormal_as_zero switched the whole process to flush-to-zero
+    (found by the hypothesis fuzz); subnormal inputs are now zeroed in the input array only."""
+    tiny = np.float32(1e-40)  # subnormal
+    predictor = Predictor(fixture_model)
+    maps = np.zeros((1, 64, 64, 64), np.float32)
+    maps[0, 30:34, 30:35, 29:33] = 1.0
+    with_subnormals = maps.copy()
+    with_subnormals[0, :10] = tiny
+    np.testing.assert_array_equal(predictor.predict(with_subnormals), predictor.predict(maps))
+    assert with_subnormals[0, 0, 0, 0] == tiny, "the caller's array is not modified"
+    assert tiny * np.float32(1.0) != 0, "this process still computes with subnormal floats"
