@@ -49,6 +49,7 @@ import numpy as np
 from defectscope.errors import BadGeometry, BadMessage, DtypeNotAllowed, NonFinite, ShapeMismatch, TooLarge
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.geometry import Geometry, geometry_from_dict, load_xrayutilities
+from defectscope.preprocessing.validate import check_scan_size
 
 AXES = ("q_par", "q_perp1", "q_perp2")
 CHUNK_PIXELS = 1 << 20  # q coordinates are computed ~1M pixels at a time: bounded memory, cache friendly
@@ -148,12 +149,7 @@ class _Scan:
         rows, cols = shape
         if n < 2 or rows < 2 or cols < 2:
             raise ShapeMismatch(f"a rocking scan needs >= 2 frames of >= 2x2 pixels, got {n} frames of {rows}x{cols}")
-        if n > limits.max_scan_frames:
-            raise TooLarge(f"{n} frames exceed the limit of {limits.max_scan_frames}")
-        if rows * cols > limits.max_frame_pixels:
-            raise TooLarge(f"frames of {rows}x{cols} pixels exceed the limit of {limits.max_frame_pixels} pixels")
-        if n * rows * cols > limits.max_scan_voxels:
-            raise TooLarge(f"scan of {n}x{rows}x{cols} exceeds the limit of {limits.max_scan_voxels} voxels")
+        check_scan_size(n, rows, cols, limits)
 
     def frame(self, i: int) -> np.ndarray:
         return _checked_frame(self.frames[i], i)

@@ -21,8 +21,9 @@ import h5py
 import numpy as np
 import tifffile
 
-from defectscope.errors import BadGeometry, BadMessage, DtypeNotAllowed, PathNotAllowed, ShapeMismatch, TooLarge
+from defectscope.errors import BadGeometry, BadMessage, DtypeNotAllowed, PathNotAllowed, ShapeMismatch
 from defectscope.preprocessing.loaders import safe_dataset
+from defectscope.preprocessing.validate import check_scan_size
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.geometry import PRESETS, Geometry, geometry_from_dict, load_xrayutilities
 
@@ -41,12 +42,7 @@ def _check_stack(n: int, shape, dtype: np.dtype, limits: Limits, source: str) ->
     if len(shape) != 2:
         raise ShapeMismatch(f"{source}: frames must be 2-D, got shape {tuple(shape)}")
     rows, cols = shape
-    if n > limits.max_scan_frames:
-        raise TooLarge(f"{source}: {n} frames exceed the limit of {limits.max_scan_frames}")
-    if rows * cols > limits.max_frame_pixels:
-        raise TooLarge(f"{source}: frames of {rows}x{cols} exceed the limit of {limits.max_frame_pixels} pixels")
-    if n * rows * cols > limits.max_scan_voxels:
-        raise TooLarge(f"{source}: {n}x{rows}x{cols} exceeds the limit of {limits.max_scan_voxels} voxels")
+    check_scan_size(n, rows, cols, limits, where=str(source))
     if np.dtype(dtype).newbyteorder("<").str not in limits.allowed_dtypes:
         raise DtypeNotAllowed(f"{source}: dtype {np.dtype(dtype).str} not allowed (allowed: {list(limits.allowed_dtypes)})")
 

@@ -120,3 +120,16 @@ def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool =
         raise LowSignal(f"map maximum {high:.6g} is below min_peak_counts {config.min_peak_counts:.6g}")
     return volume, warnings
 
+
+def check_scan_size(n_frames: int, rows: int, cols: int, limits: Limits, where: str = "scan") -> None:
+    """A raw scan's claimed size against the limits, before anything of that size is allocated.
+
+    The one copy of this check: the wire protocol (on the header), the scan loaders (on the file's
+    header) and the orthonormaliser (on arrays handed to it directly) all call it.
+    """
+    if n_frames > limits.max_scan_frames:
+        raise TooLarge(f"{where}: {n_frames} frames exceed the limit of {limits.max_scan_frames}")
+    if rows * cols > limits.max_frame_pixels:
+        raise TooLarge(f"{where}: frames of {rows}x{cols} pixels exceed the limit of {limits.max_frame_pixels} pixels")
+    if n_frames * rows * cols > limits.max_scan_voxels:
+        raise TooLarge(f"{where}: {n_frames}x{rows}x{cols} exceeds the limit of {limits.max_scan_voxels} voxels")

@@ -26,6 +26,7 @@ from defectscope.errors import (
     UnsupportedProtocol,
 )
 from defectscope.preprocessing.config import Limits
+from defectscope.preprocessing.validate import check_scan_size
 
 OPS = ("classify", "info", "health", "reload")
 KINDS = ("map", "scan", "file")
@@ -216,12 +217,7 @@ def _parse_scan(request: Request, spec: dict, buffers: Sequence, limits: Limits)
     shape = _int_list(spec.get("shape"), "input.shape", (3,))
     dtype = _dtype(spec.get("dtype"), DTYPE_ALIASES)
     n_frames, rows, cols = shape
-    if n_frames > limits.max_scan_frames:
-        raise TooLarge(f"scan of {n_frames} frames, limit {limits.max_scan_frames}")
-    if rows * cols > limits.max_frame_pixels:
-        raise TooLarge(f"frames of {rows}x{cols} pixels, limit {limits.max_frame_pixels}")
-    if n_frames * rows * cols > limits.max_scan_voxels:
-        raise TooLarge(f"scan of {shape} has {n_frames * rows * cols} voxels, limit {limits.max_scan_voxels}")
+    check_scan_size(n_frames, rows, cols, limits, where="input.shape")
     if not isinstance(spec.get("geometry"), dict):
         raise BadMessage("kind 'scan' needs an input.geometry object (a preset and/or explicit fields)")
     mask_spec = spec.get("mask")
