@@ -20,6 +20,7 @@ from defectscope import PROTOCOL
 from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, Unauthorized
 from defectscope.server import protocol
 from defectscope.server.core import Classifier
+from defectscope.server.results import describe_source
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +179,12 @@ class Server:
             envelope, body = frames[:2], frames[2:]
         else:
             envelope, body = frames[:1], frames[1:]
-        rid = None
+        rid = raw = None
         t0 = time.perf_counter()
         try:
             if not body:
                 raise BadMessage("request has no header frame")
             raw = body[0].bytes if len(body[0]) <= protocol.MAX_HEADER_BYTES else body[0].buffer
-            rid = protocol.peek_request_id(raw)
             header, rid, op = protocol.parse_header(raw)
             if op == "info":
                 return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True, **self.classifier.info()})
@@ -203,6 +203,8 @@ class Server:
             except queue.Full:
                 raise Busy(f"queue full ({self.limits.queue_length} requests waiting); try again") from None
         except DefectscopeError as exc:
+            if rid is None and raw is not None:  # the header failed to parse: echo its id if it has one
+                rid = protocol.peek_request_id(raw)
             self.classifier.stats.record(False, reason=exc.reason)
             self._send(router, envelope, self._logged(protocol.error_reply(rid, exc)))
         except Exception as exc:  # never let a request take the loop down
@@ -255,8 +257,6 @@ class Server:
     def _logged(self, reply: dict, request=None) -> dict:
         """Append the reply to the results log (when there is one) before it is sent; returns it."""
         if self.results is not None:
-            from defectscope.server.results import describe_source
-
             p = self.classifier.predictor
             self.results.append(reply, source=describe_source(request) if request is not None else "",
                                 model=p.describe(), provider=p.provider)

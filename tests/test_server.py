@@ -329,3 +329,11 @@ def test_classifier_warms_up_the_whole_path(predictor):
 
     classifier = Classifier(predictor)
     assert classifier.warmup_ms > 0
+
+
+def test_error_before_the_header_parses_still_echoes_request_id(server):
+    """The id is recovered from a header that fails its checks (here: wrong protocol)."""
+    raw = json.dumps({"protocol": "defectscope/9", "op": "classify", "request_id": "old-client"}).encode()
+    reply, _ = raw_request(server.endpoint, [raw])
+    assert_error(reply, "UNSUPPORTED_PROTOCOL")
+    assert reply["request_id"] == "old-client"
