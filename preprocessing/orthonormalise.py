@@ -52,6 +52,7 @@ from defectscope.preprocessing.geometry import Geometry, geometry_from_dict, loa
 from defectscope.preprocessing.validate import check_scan_size
 
 AXES = ("q_par", "q_perp1", "q_perp2")
+BLOCK = 8  # voxels per edge of the coarse blocks whose sums locate the peak (finish_window)
 CHUNK_PIXELS = 1 << 20  # q coordinates are computed ~1M pixels at a time: bounded memory, cache friendly
 PAD_VOXELS = 0.01
 
@@ -351,10 +352,15 @@ class PixelMapping:
     # Sums are kept per touched voxel, not per voxel: a 4x smaller array to scatter into (fewer cache misses).
     rank: np.ndarray
     inverse_counts: OrderedDict = field(default_factory=OrderedDict)  # mask key -> 1/count over touched
+    # For windowed finishing (``Orthonormaliser.finish_window``), built with the mapping:
+    block_of_rank: np.ndarray | None = None  # int32 [len(touched) + 1]: coarse block of each touched voxel
+    rank_grid: np.ndarray | None = None  # int32 grid.shape: rank of each voxel in ``touched`` (spare if none)
+    block_shape: tuple[int, int, int] = (1, 1, 1)
 
     @property
     def nbytes(self) -> int:
-        return self.rank.nbytes + self.touched.nbytes + self.counts.nbytes
+        extra = sum(a.nbytes for a in (self.block_of_rank, self.rank_grid) if a is not None)
+        return self.rank.nbytes + self.touched.nbytes + self.counts.nbytes + extra
 
     @property
     def spare(self) -> int:
@@ -377,9 +383,19 @@ def build_mapping(geometry: Geometry, frame: CanonicalFrame, grid: Grid) -> Pixe
     to_rank[touched] = np.arange(len(touched), dtype=np.int32)
     for chunk in _frame_chunks(geometry):
         rank[chunk] = to_rank[rank[chunk]]
-    for shared in (rank, touched):  # shared by every scan served from the cache: read-only
+    # Coarse blocks of BLOCK^3 voxels: their sums, kept while frames arrive, locate the peak without a pass
+    # over the whole grid (finish_window); and each voxel's rank, to cut a window out of the sums.
+    block_shape = tuple(-(-n // BLOCK) for n in grid.shape)
+    coords = np.unravel_index(touched, grid.shape)
+    block_of_rank = np.empty(len(touched) + 1, dtype=np.int32)
+    block_of_rank[:-1] = np.ravel_multi_index(tuple(c // BLOCK for c in coords), block_shape)
+    block_of_rank[-1] = math.prod(block_shape)  # the spare bin: outside, or masked
+    rank_grid = to_rank[: grid.n_voxels].reshape(grid.shape)
+    for shared in (rank, touched, block_of_rank, rank_grid):  # shared by every scan served from the cache: read-only
         shared.setflags(write=False)
-    return PixelMapping(geometry=geometry, grid=grid, frame=frame, touched=touched, counts=counts[touched].astype(np.int32), rank=rank)
+    return PixelMapping(geometry=geometry, grid=grid, frame=frame, touched=touched,
+                        counts=counts[touched].astype(np.int32), rank=rank, block_of_rank=block_of_rank,
+                        rank_grid=rank_grid, block_shape=block_shape)
 
 
 def _inverse_counts(mapping: PixelMapping, mask: np.ndarray | None, received: np.ndarray) -> np.ndarray:
@@ -394,6 +410,18 @@ def _inverse_counts(mapping: PixelMapping, mask: np.ndarray | None, received: np
     return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
 
 
+def _block_peak(sums: np.ndarray) -> np.ndarray:
+    """Voxel at the centroid of the brightest coarse block and its 26 neighbours (weighted by their sums)."""
+    block = np.array(np.unravel_index(int(np.argmax(sums)), sums.shape))
+    lo, hi = np.maximum(block - 1, 0), np.minimum(block + 2, sums.shape)
+    near = sums[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if near.sum() <= 0:
+        return block * BLOCK + BLOCK // 2
+    centroid = [(near.sum(axis=tuple(k for k in range(3) if k != axis)) * np.arange(a, b)).sum() / near.sum()
+                for axis, (a, b) in enumerate(zip(lo, hi))]
+    return np.floor((np.array(centroid) + 0.5) * BLOCK).astype(int)
+
+
 @dataclass(eq=False)
 class StreamState:
     """Frames gridded so far for one scan (see ``Orthonormaliser.start``)."""
@@ -403,6 +431,7 @@ class StreamState:
     mask_key: Any
     total: np.ndarray  # float64 [len(touched) + 1]: sum of values per touched voxel; the last bin: outside
     received: np.ndarray  # bool [n_frames]
+    block_total: np.ndarray | None = None  # float64 [n_blocks + 1]: sum of values per coarse block
 
 
 def _check_open(state: StreamState) -> None:
@@ -431,11 +460,15 @@ class Orthonormaliser:
 
     def __call__(self, frames, geometry, *, mask=None, grid: Grid | None = None) -> QMap:
         """Grid a whole scan (a 3-D array or a list of 2-D frames)."""
+        return self.finish(self.accumulate(frames, geometry, mask=mask, grid=grid))
+
+    def accumulate(self, frames, geometry, *, mask=None, grid: Grid | None = None) -> StreamState:
+        """Add every frame of a whole scan to a new state; then ``finish`` or ``finish_window`` it."""
         scan = _Scan(frames, self.limits)
         state = self.start(_bind(geometry, scan.n, scan.shape), mask=mask, grid=grid)
         for i in range(scan.n):
             self._add(state, i, scan.frames[i])
-        return self.finish(state)
+        return state
 
     def mapping(self, geometry: Geometry, *, grid: Grid | None = None) -> PixelMapping:
         """The cached mapping for this geometry (bound to a scan size) and grid, built on a miss."""
@@ -474,7 +507,8 @@ class Orthonormaliser:
         mask = _mask_array(mask, geometry.n_frames, geometry.frame_shape)
         mapping = self.mapping(geometry, grid=grid)
         return StreamState(mapping=mapping, mask=mask, mask_key=_mask_key(mask),
-                           total=np.zeros(mapping.spare + 1), received=np.zeros(geometry.n_frames, dtype=bool))  # fmt: skip
+                           total=np.zeros(mapping.spare + 1), received=np.zeros(geometry.n_frames, dtype=bool),
+                           block_total=np.zeros(math.prod(mapping.block_shape) + 1))  # fmt: skip
 
     def accumulate_frame(self, state: StreamState, i: int, frame: np.ndarray) -> None:
         """Add frame ``i`` (2-D, the scan's frame shape) to ``state``."""
@@ -508,6 +542,7 @@ class Orthonormaliser:
         if state.mask is not None:
             ranks[(state.mask if state.mask.ndim == 2 else state.mask[i]).ravel()[nonzero]] = state.mapping.spare
         np.add.at(state.total, ranks, values)
+        np.add.at(state.block_total, state.mapping.block_of_rank[ranks], values)
         state.received[i] = True
 
     def finish(self, state: StreamState, *, allow_partial: bool = False) -> QMap:
@@ -522,6 +557,43 @@ class Orthonormaliser:
         volume[mapping.touched] = state.total[: mapping.spare] * inverse
         state.total = np.empty(0)  # the state is spent
         return _qmap(volume, mapping.grid, mapping.frame)
+
+    def finish_window(self, state: StreamState, extent: int | Sequence[int], *, allow_partial: bool = False,
+                      centre: Sequence[int] | None = None, close: bool = True) -> tuple[QMap, dict]:
+        """Like ``finish``, but only a box of ``extent`` voxels per axis around the peak is made.
+
+        The box is centred on the brightest coarse block (``BLOCK``^3 voxels, sums kept up to date while
+        frames arrive), refined by the centroid of its neighbouring blocks, so nothing here visits the
+        whole grid: the cost is that of the box. Block sums are robust to isolated hot pixels, which
+        ``prepare`` would discard too. The box is
+        cut where the full map has it (clipped to the grid), so every voxel in it equals the voxel of
+        ``finish``; the QMap's ``origin`` is that of the box. ``centre`` (voxel, full grid) overrides the
+        peak, e.g. to re-cut a larger box around the same place (with ``close=False`` on the first cut, the
+        state stays open for that). Returns the map and where the box lies.
+        """
+        mapping = state.mapping
+        _check_open(state)
+        if not state.received.all() and not allow_partial:
+            missing = np.flatnonzero(~state.received)
+            raise ShapeMismatch(f"{len(missing)} of {len(state.received)} frames never arrived (first: {missing[0]})")
+        shape = np.array(mapping.grid.shape)
+        extent = np.minimum(np.broadcast_to(np.asarray(extent, dtype=int), (3,)), shape)
+        if centre is None:
+            centre = np.minimum(_block_peak(state.block_total[:-1].reshape(mapping.block_shape)), shape - 1)
+        lo = np.clip(np.asarray(centre, dtype=int) - extent // 2, 0, shape - extent)
+        box = tuple(slice(a, a + n) for a, n in zip(lo, extent))
+        ranks = mapping.rank_grid[box]
+        inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
+        outside = ranks == mapping.spare  # voxels no pixel reaches stay 0
+        volume = state.total[ranks] * inverse[np.minimum(ranks, mapping.spare - 1)]
+        volume[outside] = 0.0
+        if close:
+            state.total = np.empty(0)  # the state is spent
+        qmap = QMap(volume=volume, voxel_size=mapping.grid.steps.copy(),
+                    origin=np.asarray(mapping.grid.origin) + lo * mapping.grid.steps,
+                    rotation=mapping.frame.rotation.copy(), q_centre_lab=mapping.frame.q_centre_lab.copy())
+        return qmap, {"grid_shape": shape.tolist(), "window_origin": lo.tolist(), "window_shape": extent.tolist(),
+                      "window_centre": [int(c) for c in centre]}
 
     def _inverse(self, state: StreamState) -> np.ndarray:
         cached = state.mapping.inverse_counts

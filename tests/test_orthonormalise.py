@@ -42,6 +42,10 @@ def relative_differences(fast, ref):
 
 @pytest.fixture(scope="module")
 def synthetic():
+    return make_synthetic()
+
+
+def make_synthetic():
     """An asymmetric peak (tilted anisotropic Gaussian + off-axis satellite) rendered into detector frames."""
     geometry = synthetic_geometry()
     q = pixel_q_lab(geometry, np.arange(N))
@@ -286,3 +290,41 @@ def test_34idc_peak_is_au111_along_axis0(au_scan):
     brightest = np.unravel_index(np.argmax(frames), frames.shape)
     q_pixel = pixel_q_lab(geometry, [brightest[0]], roi=[brightest[1], brightest[1] + 1, brightest[2], brightest[2] + 1])
     assert np.linalg.norm(ref.q_lab_at(peak) - q_pixel.reshape(3)) < 3 * ref.voxel_size[0]
+
+
+def test_window_around_the_peak_equals_the_same_box_of_the_whole_map(synthetic):
+    """finish_window makes only a box around the brightest coarse block; each of its voxels is the full map's."""
+    geometry, frames, q0 = synthetic
+    ortho = Orthonormaliser()
+    whole = ortho(frames, geometry)
+    mask = np.zeros(frames.shape[1:], dtype=bool)
+    mask[3, 4] = True  # a masked pixel: the counts are the masked ones in both paths
+    whole_masked = ortho(frames, geometry, mask=mask)
+    for m, ref in ((None, whole), (mask, whole_masked)):
+        qmap, where = ortho.finish_window(ortho.accumulate(frames, geometry, mask=m), 12)
+        lo = np.array(where["window_origin"])
+        assert qmap.volume.shape == (12, 12, 12) and where["grid_shape"] == list(ref.volume.shape)
+        np.testing.assert_array_equal(qmap.volume, ref.volume[tuple(slice(a, a + 12) for a in lo)])
+        np.testing.assert_allclose(qmap.q_at((0, 0, 0)), ref.q_at(lo), rtol=0, atol=1e-12)
+        # The box holds the peak of the whole map.
+        peak = np.array(np.unravel_index(np.argmax(ref.volume), ref.volume.shape))
+        assert np.all((peak >= lo) & (peak < lo + 12))
+
+
+def test_window_ignores_a_hot_pixel_and_is_clipped_to_the_grid(synthetic):
+    """One pixel far brighter than any voxel of the peak does not move the box: block sums, not maxima."""
+    geometry, frames, _ = synthetic
+    ortho = Orthonormaliser()
+    hot = frames.copy()
+    hot[2, 1, 1] = 20 * frames.max()  # far from the peak, near a face of the grid
+    whole = ortho(hot, geometry)
+    qmap, where = ortho.finish_window(ortho.accumulate(hot, geometry), 16)
+    hot_voxel = np.array(np.unravel_index(np.argmax(whole.volume), whole.volume.shape))
+    peak = np.array(np.unravel_index(np.argmax(ortho(frames, geometry).volume), whole.volume.shape))
+    assert np.abs(hot_voxel - peak).max() > 10  # the hot voxel is the maximum of the whole map...
+    lo = np.array(where["window_origin"])
+    assert np.all((peak >= lo + 2) & (peak < lo + 14))  # ...but the box is around the Bragg peak
+    # A box larger than the grid is the whole grid.
+    qmap, where = ortho.finish_window(ortho.accumulate(frames, geometry), 10_000)
+    np.testing.assert_array_equal(qmap.volume, ortho(frames, geometry).volume)
+    assert where["window_origin"] == [0, 0, 0]

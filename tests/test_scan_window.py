@@ -1,0 +1,47 @@
+"""The server grids a raw scan into a box around the peak only; the prepared map is that of the whole grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectscope.preprocessing.frames import CANONICAL_AXES
+from defectscope.preprocessing.orthonormalise import Orthonormaliser
+from defectscope.preprocessing.pipeline import prepare
+from defectscope.server.core import Classifier
+from defectscope.server.protocol import Request
+
+from test_orthonormalise import make_synthetic
+
+
+class SmallBoxClassifier(Classifier):
+    """Cuts a box too small for the resampling, so the re-cut path has to run."""
+
+    def scan_window(self) -> int:
+        return 20
+
+
+def scan_request(frames, geometry) -> Request:
+    return Request(op="classify", request_id="scan-w", header={}, kind="scan", array=frames,
+                   spec={"geometry": geometry.to_dict()}, options={"return_prepared": True})
+
+
+@pytest.fixture(scope="module")
+def synthetic_scan():
+    geometry, frames, _ = make_synthetic()
+    return geometry, frames
+
+
+@pytest.mark.parametrize("cls", [Classifier, SmallBoxClassifier])
+def test_scan_prepared_from_a_box_equals_prepared_from_the_whole_grid(predictor, synthetic_scan, cls):
+    geometry, frames = synthetic_scan
+    classifier = cls(predictor)
+    outcome = classifier.classify(scan_request(frames, geometry))
+    served = np.frombuffer(outcome.frames[0], dtype="<f4").reshape(predictor.pipeline.shape)
+    whole = Orthonormaliser()(frames, geometry)
+    expected = prepare(whole.volume, predictor.pipeline, axes=CANONICAL_AXES, voxel_size=list(whole.voxel_size))
+    np.testing.assert_array_equal(served, expected.array)
+    where = outcome.reply["preparation"]["scan_window"]
+    assert where["grid_shape"] == list(whole.volume.shape)
+    if cls is SmallBoxClassifier:  # the first box of 20 was too small for the margins: re-cut larger
+        assert min(where["window_shape"]) > 20 or where["window_shape"] == where["grid_shape"]
