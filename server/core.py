@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import threading
 import time
@@ -206,10 +207,42 @@ class Classifier:
         frame_shape = tuple(frames[0].shape)
         geom = geometry_from_dict(geometry, n_frames=n_frames, frame_shape=frame_shape)
         t0 = time.perf_counter()
-        qmap = self.orthonormaliser(frames, geom, mask=mask)
-        ms = (time.perf_counter() - t0) * 1e3
-        kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size])
+        state = self.orthonormaliser.accumulate(frames, geom, mask=mask)
+        return self._scan_volume(state, (time.perf_counter() - t0) * 1e3)
+
+    def scan_window(self) -> int:
+        """Voxels per axis of the box cut around the peak of a gridded scan (Orthonormaliser.finish_window):
+        1.5x the model's window, room for the centring margins and a resampling factor down to 0.83
+        (oversampling 4.8); a map that needs more is re-cut larger (``_prepare_scan``)."""
+        return int(math.ceil(1.5 * max(self.predictor.pipeline.shape)))
+
+    def _scan_volume(self, state, gridding_ms: float):
+        """Volumes, prepare() arguments, warnings and orthonormalisation ms of a gridded scan; only a box
+        around the peak is made (the prepared map is the one of the whole grid, see ``_prepare_scan``)."""
+        t0 = time.perf_counter()
+        qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False)
+        ms = gridding_ms + (time.perf_counter() - t0) * 1e3
+        kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size],
+                  scan=(state, where))
         return qmap.volume[np.newaxis], kw, [], ms
+
+    def _prepare_scan(self, volume, kw):
+        """prepare() a scan's box; if the resampling needs data beyond the box, re-cut it larger around the
+        same centre and prepare again, so the result is that of the whole grid."""
+        state, where = kw.pop("scan")
+        try:
+            p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
+            shape = np.array(self.predictor.pipeline.shape)
+            needed = np.ceil((shape + 2 * np.maximum(4, shape // 8)) / min(1.0, p.report["resample_factor"])) + 2
+            box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
+            if np.any((needed > box) & (box < grid)):
+                qmap, where = self.orthonormaliser.finish_window(
+                    state, np.maximum(box, needed).astype(int), centre=where["window_centre"], close=False)
+                p = prepare(qmap.volume, self.predictor.pipeline, limits=self.limits, **kw)
+        finally:
+            state.total = np.empty(0)  # the sums are spent
+        p.report["scan_window"] = where
+        return p
 
     def _from_file(self, spec: dict):
         path = resolve_data_path(self.data_root, spec["path"])
@@ -227,7 +260,10 @@ class Classifier:
         t0 = time.perf_counter()
         prepared, warnings, reports = [], [], []
         for volume in volumes:
-            p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
+            if "scan" in kw:
+                p = self._prepare_scan(volume, dict(kw))
+            else:
+                p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
             prepared.append(p.array)
             warnings.append(p.warnings)
             reports.append(p.report)
