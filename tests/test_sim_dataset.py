@@ -183,7 +183,7 @@ def test_large_crystals_with_every_option_are_identical_on_one_and_two_workers(t
 def test_an_existing_dask_cluster_gives_the_same_dataset(tmp_path):
     distributed = pytest.importorskip("distributed")
     one = simulate_dataset(6, tmp_path / "one.h5", FAST, seed=4, workers=1, progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=50) as cluster:
         remote = simulate_dataset(6, tmp_path / "remote.h5", FAST, seed=4, scheduler=cluster.scheduler_address,
                                   progress=False)
@@ -232,3 +232,21 @@ def test_cli_without_the_training_extra_says_what_to_install(tmp_path, monkeypat
     assert cli.main(["simulate", "--n", "2", "--out", str(tmp_path / "x.h5")]) == 1
     err = capsys.readouterr().err
     assert "defectscope[train]" in err and err.count("\n") == 1
+
+
+def test_a_dask_run_does_not_need_port_8787(tmp_path):
+    """Another Dask cluster (or anything) on 8787 must not stop a simulation: it failed so once."""
+    pytest.importorskip("distributed")
+    import socket
+
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", 8787))
+        blocker.listen()
+    except OSError:
+        pass  # already taken by something else: the same situation
+    try:
+        path = simulate_dataset(4, tmp_path / "two.h5", FAST, seed=4, workers=2, progress=False)
+        assert path.is_file()
+    finally:
+        blocker.close()

@@ -94,8 +94,10 @@ def _dask_results(cfg: SimulationConfig, seed: int, sizes: list[int], workers: i
     cluster = None
     if scheduler is None:
         # Processes, not threads: the NUFFT and numpy release the GIL only partly; one thread per worker
-        # because each task is single-threaded on purpose (bit-reproducibility).
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        # because each task is single-threaded on purpose (bit-reproducibility). The scheduler's HTTP
+        # server binds 8787 even with the dashboard off unless told ":0" (any free port): two runs on one
+        # machine (a simulation and the tests) would otherwise collide.
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=50)
         client = Client(cluster)
     else:
