@@ -55,6 +55,9 @@ class Predictor:
         if not self.path.is_file():
             raise ModelUnavailable(f"model file {str(self.path)!r} does not exist")
         self.requested_provider = provider
+        # What a reload of another model file needs to load it the same way (server.reload).
+        self.load_options = {"provider": provider, "on_missing_cuda": on_missing_cuda,
+                             "intra_op_threads": intra_op_threads}
         self.sha256 = _sha256(self.path)
 
         available = ort.get_available_providers()

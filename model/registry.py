@@ -15,7 +15,10 @@ def bundled_models() -> dict[str, Path]:
 
 
 def resolve_model(name_or_path: str | Path | None = None) -> Path:
-    """A model file path from a path or a bundled name (default: the bundled 3-class model)."""
+    """A model file path from a path or a bundled name (default: the bundled 3-class model).
+
+    Any path the process can read is accepted, not only the zoo: a name that comes from the network must
+    come from an authenticated caller (the ZeroMQ ``reload`` op checks its token first, ``server.reload``)."""
     name = str(name_or_path) if name_or_path else DEFAULT_MODEL
     path = Path(name).expanduser()
     if path.suffix == ".onnx" or path.exists():

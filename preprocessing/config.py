@@ -174,3 +174,8 @@ class Limits:
     max_scan_voxels: int = 2048 * 512 * 512
     allowed_dtypes: tuple[str, ...] = ("<f4", "<f8", "<u2", "<u4", "<i4")
     queue_length: int = 16
+    # Streamed scans (frames sent one message each, see server.protocol): open at once, seconds a stream
+    # may wait for its next frame, frames waiting to be gridded (all streams together).
+    max_streams: int = 4
+    stream_idle_s: float = 60.0
+    stream_queue_frames: int = 512

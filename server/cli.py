@@ -31,6 +31,13 @@ def cmd_serve(args) -> int:
     from defectscope.server.zmq_server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.reload_token_file:  # checked before the model loads: an unprotected secret is refused at once
+        from defectscope.server.reload import ReloadTokenError, read_token_file
+
+        try:
+            read_token_file(args.reload_token_file)
+        except ReloadTokenError as exc:
+            return _fail(str(exc))
     predictor = Predictor(resolve_model(args.model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
                           intra_op_threads=args.threads)
     limits = Limits(queue_length=args.queue)
@@ -40,11 +47,13 @@ def cmd_serve(args) -> int:
         from defectscope.server.results import ResultsLog, ResultsLogError
 
         try:
-            results = ResultsLog(args.results, server="zmq")
+            results = ResultsLog(args.results, server="zmq", replay_window=args.replay_window)
         except ResultsLogError as exc:
             return _fail(str(exc))
-    server = Server(classifier, args.bind, workers=args.workers, drain_s=args.drain_s, results=results,
-                    curve_secret_file=args.curve_secret, curve_allow_dir=args.curve_allow)
+    server = Server(classifier, args.bind, workers=args.workers, batch_max=args.batch_max, drain_s=args.drain_s,
+                    results=results,
+                    curve_secret_file=args.curve_secret, curve_allow_dir=args.curve_allow,
+                    reload_token_file=args.reload_token_file)
     server.start()
 
     stopping = threading.Event()
@@ -181,9 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="HDF5 results log: one row per reply, flushed, readable while serving (SWMR)")
     p.add_argument("--curve-secret", help="CURVE: the server's zmq.auth .key_secret file (with --curve-allow)")
     p.add_argument("--curve-allow", help="CURVE: directory of allowed client public .key files")
+    p.add_argument("--reload-token-file", help="enable the 'reload' op for requests carrying the secret in this "
+                   "file (chmod 600; at least 16 characters)")
+    p.add_argument("--replay-window", type=int, default=100_000,
+                   help="with --results: request ids whose ok reply is replayed to a retry (0: off)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")
+    p.add_argument("--batch-max", type=int, default=1, metavar="N",
+                   help="infer up to N queued single-map requests in one call (default 1: no batching; "
+                        "see the README's performance section for what it gains)")
     p.add_argument("--drain-s", type=float, default=10.0, help="seconds to finish queued work on SIGTERM")
     p.add_argument("--on-missing-cuda", choices=("degrade", "refuse"), default="degrade",
                    help="with --provider cuda and no GPU: serve on CPU (degraded) or refuse to start")

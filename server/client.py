@@ -9,6 +9,13 @@ A DEALER socket that sends the empty delimiter REQ would (SPEC §4), so one clie
 after a timeout without the REQ lock-step: a retry re-sends the same ``request_id``, and replies to an
 earlier attempt, if they arrive late, are recognised by that id and not mistaken for the answer to the
 next request. An error reply raises the ``defectscope.errors`` class of its reason.
+
+Retrying is safe: a server with a results log answers a ``request_id`` it already answered ``ok`` (same
+input) with the recorded reply, marked ``"replayed": true``, even after it was killed and restarted; pass
+your own ``request_id`` (e.g. the scan name) to retry across a client restart too.
+
+``reload(token, model=None)`` asks a server started with ``--reload-token-file`` to load another model
+(or re-read its configured one); it is sent once (never retried) and may wait for a long load.
 """
 
 from __future__ import annotations
@@ -70,34 +77,20 @@ class Client:
 
     # -- transport --------------------------------------------------------------------------------
     def request(self, header: dict, buffers: Sequence = (), *, raise_on_error: bool = True,
-                timeout_s: float | None = None) -> tuple[dict, list[bytes]]:
+                timeout_s: float | None = None, retries: int | None = None) -> tuple[dict, list[bytes]]:
         """Send one request (with retries) and return ``(reply, extra_frames)``."""
         header = {"protocol": PROTOCOL, **header}
         header.setdefault("request_id", uuid.uuid4().hex)
         rid = header["request_id"]
         frames = [b"", json.dumps(header).encode("utf-8"), *buffers]
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             self._socket.send_multipart(frames, copy=False)
-            deadline = time.monotonic() + timeout_ms / 1000
-            while True:
-                left = int(1000 * (deadline - time.monotonic()))
-                if left <= 0 or not self._socket.poll(left, zmq.POLLIN):
-                    break
-                parts = self._socket.recv_multipart()
-                if parts and parts[0] == b"":
-                    parts = parts[1:]
-                try:
-                    reply = json.loads(parts[0])
-                except (IndexError, ValueError):
-                    continue
-                if reply.get("request_id") != rid:
-                    continue  # a late answer to an earlier request
-                if raise_on_error and not reply.get("ok", False):
-                    err = reply.get("error") or {}
-                    raise from_reason(err.get("reason", "INTERNAL"), err.get("message", "no message"))
-                return reply, parts[1:]
-        raise TimeoutError(f"no reply from {self.endpoint} to request {rid} after {self.retries + 1} attempts "
+            reply, extra = self._receive(rid, timeout_ms / 1000, raise_on_error)
+            if reply is not None:
+                return reply, extra
+        raise TimeoutError(f"no reply from {self.endpoint} to request {rid} after {retries + 1} attempts "
                            f"of {timeout_ms / 1000:g} s")
 
     # -- conveniences -----------------------------------------------------------------------------
@@ -106,6 +99,20 @@ class Client:
 
     def health(self) -> dict:
         return self.request({"op": "health"})[0]
+
+    def reload(self, token: str, model: str | None = None, *, timeout_s: float = 300.0,
+               request_id: str | None = None) -> dict:
+        """Swap the server's model: ``model`` is a ``.onnx`` path on the server or a bundled name (None: the
+        model path the server was started with, read again). Returns the reply (``model``,
+        ``previous_model``, ``load_ms``); raises ``Unauthorized`` (wrong token, reload not enabled) or
+        ``ModelUnavailable`` (the new model does not load; the old one keeps serving). Not retried: a second
+        reload while the first still loads would get ``BUSY``."""
+        header = {"op": "reload", "auth": {"token": token}}
+        if model is not None:
+            header["model"] = str(model)
+        if request_id:
+            header["request_id"] = request_id
+        return self.request(header, timeout_s=timeout_s, retries=0)[0]
 
     def classify(self, volume: np.ndarray, axes: Sequence[str] = CANONICAL_AXES, *, voxel_size=None,
                  q_direction=None, request_id: str | None = None, return_prepared: bool = False,
@@ -145,6 +152,72 @@ class Client:
             header["request_id"] = request_id
         reply, extra = self.request(header, parts, raise_on_error=raise_on_error)
         return _attach_prepared(reply, extra)
+
+    def classify_scan_stream(self, frames, geometry: dict, *, n_frames: int | None = None, frame_shape=None,
+                             dtype=None, mask: np.ndarray | None = None, request_id: str | None = None,
+                             return_prepared: bool = False, raise_on_error: bool = True) -> dict:
+        """Send a scan frame by frame as it is measured (streamed scan, see ``server.protocol``).
+
+        ``frames`` is any iterable of 2-D frames (a generator reading the detector, or an array); give
+        ``n_frames`` (and ``frame_shape``/``dtype`` when the first frame is not at hand) unless ``frames``
+        has a length. Frames go out as they come; an error reply stops the sending and is raised. Not
+        retried: a lost stream is sent again by calling this again.
+        """
+        it = iter(frames)
+        first = _wire_array(next(it))
+        n_frames = len(frames) if n_frames is None else int(n_frames)
+        shape = tuple(frame_shape or first.shape)
+        rid = request_id or uuid.uuid4().hex
+        spec = {"kind": "scan", "shape": [n_frames, *shape], "dtype": np.dtype(dtype or first.dtype).str,
+                "geometry": geometry, "stream": True}
+        parts = []
+        if mask is not None:
+            m = np.ascontiguousarray(mask, dtype=np.uint8)
+            spec["mask"] = {"shape": list(m.shape), "dtype": "|u1"}
+            parts.append(memoryview(m).cast("B"))
+        header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid, "input": spec,
+                  "options": {"return_prepared": return_prepared}}
+        self._socket.send_multipart([b"", json.dumps(header).encode("utf-8"), *parts], copy=False)
+        wire_dtype = np.dtype(spec["dtype"])
+        frame = first
+        for index in range(n_frames):
+            if index:
+                frame = next(it)
+            frame = np.ascontiguousarray(frame, dtype=wire_dtype)
+            head = {"protocol": PROTOCOL, "op": "frame", "request_id": rid, "index": index}
+            if index == n_frames - 1:
+                head["last"] = True
+            self._socket.send_multipart([b"", json.dumps(head).encode("utf-8"), memoryview(frame).cast("B")],
+                                        copy=False)
+            if self._socket.poll(0, zmq.POLLIN):  # an early error: the stream is over
+                reply, extra = self._receive(rid, self.timeout_s, raise_on_error)
+                if reply is not None and not reply.get("ok", False):
+                    return reply
+        reply, extra = self._receive(rid, self.timeout_s, raise_on_error)
+        if reply is None:
+            raise TimeoutError(f"no reply from {self.endpoint} to stream {rid} within {self.timeout_s:g} s")
+        return _attach_prepared(reply, extra)
+
+    def _receive(self, rid: str, timeout_s: float, raise_on_error: bool):
+        """The reply to ``rid`` (late replies to other ids skipped), or (None, []) at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = int(1000 * (deadline - time.monotonic()))
+            if left <= 0 or not self._socket.poll(left, zmq.POLLIN):
+                return None, []
+            parts = self._socket.recv_multipart()
+            if parts and parts[0] == b"":
+                parts = parts[1:]
+            try:
+                reply = json.loads(parts[0])
+            except (IndexError, ValueError):
+                continue
+            if reply.get("request_id") != rid:
+                continue  # a late answer to an earlier request
+            if raise_on_error and not reply.get("ok", False):
+                err = reply.get("error") or {}
+                raise from_reason(err.get("reason", "INTERNAL"), err.get("message", "no message"))
+            return reply, parts[1:]
 
     def classify_file(self, path: str, dataset: str | None = None, *, geometry: dict | None = None,
                       axes: Sequence[str] | None = None, request_id: str | None = None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscope import PROTOCOL, __version__
-from defectscope.errors import BadMessage, DefectscopeError, Internal, PathNotAllowed
+from defectscope.errors import BadMessage, DefectscopeError, Internal, PathNotAllowed, ShapeMismatch
 from defectscope.model.predictor import Predictor
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.frames import CANONICAL_AXES
@@ -27,7 +27,7 @@ from defectscope.preprocessing.loaders import load_map
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import prepare
 from defectscope.preprocessing.scans import load_hdf5_scan
-from defectscope.server.protocol import Request
+from defectscope.server.protocol import DTYPE_ALIASES, Request
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,49 @@ class Outcome:
     frames: list = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Staged:
+    """A request prepared and waiting for its inference (``Classifier._stage``)."""
+
+    request: Request
+    prepared: np.ndarray
+    warnings: list
+    warnings_per: list
+    reports: list
+    timings: dict
+    t0: float
+    prior_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class ScanStream:
+    """A scan being gridded frame by frame (``Classifier.begin_stream``)."""
+
+    request: Request
+    state: object  # preprocessing.orthonormalise.StreamState
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+    gridding_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
 class Stats:
-    """Counters and a window of recent latencies, for ``health`` and the Tango attributes."""
+    """Counters and a window of recent latencies, for ``health`` and the Tango attributes.
+
+    One ``Stats`` outlives a model reload (the new ``Classifier`` takes the old one's), so the counters
+    cover the whole run. ``replayed``: requests answered from the results log (an earlier reply to the same
+    request id, SPEC §4 retries), counted in ``requests_total`` too. ``reloads``: model reloads that swapped
+    the model (``ok``) or were refused (``failed``), and what the ``last`` one did."""
 
     def __init__(self, window: int = 1000):
         self._lock = threading.Lock()
         self.started = time.time()
         self.requests_total = 0
         self.requests_failed = 0
+        self.replayed = 0
         self.failures_by_reason: collections.Counter = collections.Counter()
         self._latencies = collections.deque(maxlen=window)
+        self.reloads = {"ok": 0, "failed": 0, "last": None}
 
     def record(self, ok: bool, total_ms: float | None = None, reason: str | None = None) -> None:
         with self._lock:
@@ -60,6 +93,17 @@ class Stats:
                 self.requests_failed += 1
                 self.failures_by_reason[reason or "INTERNAL"] += 1
 
+    def record_replay(self) -> None:
+        with self._lock:
+            self.requests_total += 1
+            self.replayed += 1
+
+    def record_reload(self, ok: bool, **last) -> None:
+        """Count a reload; ``last``: what it did (``from``/``to`` model identities, or ``error``)."""
+        with self._lock:
+            self.reloads["ok" if ok else "failed"] += 1
+            self.reloads["last"] = {"ok": ok, "time": time.time(), **last}
+
     def snapshot(self) -> dict:
         with self._lock:
             lat = np.array(self._latencies, dtype=float)
@@ -69,6 +113,8 @@ class Stats:
                 "requests_total": self.requests_total,
                 "requests_failed": self.requests_failed,
                 "failures_by_reason": dict(self.failures_by_reason),
+                "replayed": self.replayed,
+                "reloads": {**self.reloads, "last": dict(self.reloads["last"]) if self.reloads["last"] else None},
                 "latency_ms": {**pct, "window": int(lat.size)},
             }
 
@@ -147,27 +193,115 @@ class Classifier:
 
     def classify(self, request: Request, decode_ms: float = 0.0) -> Outcome:
         """Run one classify request; raises only ``DefectscopeError``."""
-        t0 = time.perf_counter()
-        timings = {"decode": round(decode_ms, 3), "orthonormalise": 0.0}
+        return self._run(request, lambda: self._volumes(request), decode_ms)
+
+    # -- streamed scans (frames arrive one by one; see server.protocol) -----------------------------
+    def begin_stream(self, request: Request) -> "ScanStream":
+        """Open the gridding of a scan whose frames will follow; builds the geometry's mapping if needed."""
+        n_frames, rows, cols = request.spec["shape"]
         try:
-            volumes, kw, warnings, timings["orthonormalise"] = self._volumes(request)
-            prepared, warnings_per, reports, timings["prepare"] = self._prepare(volumes, kw)
-            t1 = time.perf_counter()
-            probabilities = self.predictor.predict(prepared)
-            timings["infer"] = (time.perf_counter() - t1) * 1e3
-            if not np.all(np.isfinite(probabilities)):
-                raise Internal("the model returned non-finite probabilities")
+            geom = geometry_from_dict(request.spec["geometry"], n_frames=n_frames, frame_shape=(rows, cols))
+            state = self.orthonormaliser.start(geom, mask=request.mask)
+        except DefectscopeError:
+            raise
+        except Exception as exc:
+            log.exception("stream %s failed to start", request.request_id)
+            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+        return ScanStream(request=request, state=state, frame_shape=(rows, cols),
+                          dtype=np.dtype(DTYPE_ALIASES[request.spec["dtype"]]))
+
+    def add_frame(self, stream: "ScanStream", index: int, frame: np.ndarray, decode_ms: float = 0.0) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.orthonormaliser.accumulate_frame(stream.state, index, frame)
+        except DefectscopeError:
+            raise
+        except Exception as exc:
+            log.exception("stream %s failed on frame %s", stream.request.request_id, index)
+            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+        stream.gridding_ms += (time.perf_counter() - t0) * 1e3
+        stream.decode_ms += decode_ms
+
+    def finish_stream(self, stream: "ScanStream") -> Outcome:
+        """Classify a streamed scan once its last frame is in; every frame must have arrived."""
+        received = stream.state.received
+        if not received.all():
+            missing = np.flatnonzero(~received)
+            raise ShapeMismatch(f"stream ended with {len(missing)} of {len(received)} frames missing "
+                                f"(first: {int(missing[0])})")
+        return self._run(stream.request, lambda: self._scan_volume(stream.state, stream.gridding_ms),
+                         stream.decode_ms, prior_ms=stream.gridding_ms)
+
+    def _run(self, request: Request, volumes, decode_ms: float, prior_ms: float = 0.0) -> Outcome:
+        """``volumes()`` -> prepare -> infer -> reply. ``prior_ms``: work done before this call (gridding of
+        a streamed scan's frames as they arrived), counted in ``total``."""
+        staged = self._stage(request, volumes, decode_ms, prior_ms)
+        probabilities = self._guarded(request, lambda: self._infer(staged.prepared, staged.timings))
+        return self._reply(staged, probabilities)
+
+    def classify_many(self, items: list[tuple[Request, float]]) -> list:
+        """Single-map requests ``(request, decode_ms)`` prepared one by one and inferred in one ONNX Runtime
+        call; a list of ``Outcome`` or ``DefectscopeError`` (one bad map fails only its own request).
+        Each reply's ``infer`` is the shared call's time and ``batched`` the number of maps in it."""
+        staged, results = [], [None] * len(items)
+        for k, (request, decode_ms) in enumerate(items):
+            try:
+                staged.append((k, self._stage(request, lambda r=request: self._volumes(r), decode_ms)))
+            except DefectscopeError as exc:
+                results[k] = exc
+        if staged:
+            timings = {}
+            try:
+                probabilities = self._guarded(staged[0][1].request,
+                                              lambda: self._infer(np.concatenate([s.prepared for _, s in staged]), timings))
+            except DefectscopeError as exc:
+                for k, _ in staged:
+                    results[k] = exc
+                return results
+            for row, (k, s) in enumerate(staged):
+                s.timings.update(infer=timings["infer"], batched=len(staged))
+                results[k] = self._reply(s, probabilities[row : row + 1])
+        return results
+
+    def _guarded(self, request: Request, step):
+        """Run a step; anything but a DefectscopeError becomes INTERNAL (a bug fails one request)."""
+        try:
+            return step()
         except DefectscopeError:
             raise
         except MemoryError:
             raise Internal("out of memory while classifying") from None
-        except Exception as exc:  # a bug must fail one request, never the server
+        except Exception as exc:
             log.exception("request %s failed", request.request_id)
             raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
-        timings["total"] = timings["decode"] + (time.perf_counter() - t0) * 1e3
+
+    def _stage(self, request: Request, volumes, decode_ms: float, prior_ms: float = 0.0) -> "_Staged":
+        t0 = time.perf_counter()
+        timings = {"decode": round(decode_ms, 3), "orthonormalise": 0.0}
+
+        def run():
+            vols, kw, warnings, timings["orthonormalise"] = volumes()
+            prepared, warnings_per, reports, timings["prepare"] = self._prepare(vols, kw)
+            return prepared, warnings, warnings_per, reports
+
+        prepared, warnings, warnings_per, reports = self._guarded(request, run)
+        return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms)
+
+    def _infer(self, prepared: np.ndarray, timings: dict) -> np.ndarray:
+        t1 = time.perf_counter()
+        probabilities = self.predictor.predict(prepared)
+        timings["infer"] = (time.perf_counter() - t1) * 1e3
+        if not np.all(np.isfinite(probabilities)):
+            raise Internal("the model returned non-finite probabilities")
+        return probabilities
+
+    def _reply(self, staged: "_Staged", probabilities: np.ndarray) -> Outcome:
+        request, prepared, timings = staged.request, staged.prepared, staged.timings
+        timings["total"] = timings["decode"] + staged.prior_ms + (time.perf_counter() - staged.t0) * 1e3
         batch = request.kind == "map" and request.array is not None and request.array.ndim == 4
         classes = list(self.predictor.classes)
         labels = [classes[int(i)] for i in np.argmax(probabilities, axis=1)]
+        warnings, warnings_per, reports = staged.warnings, staged.warnings_per, staged.reports
         reply = {
             "protocol": PROTOCOL,
             "request_id": request.request_id,

@@ -47,15 +47,20 @@ def make_examples(n_per_class: int = EXAMPLES_PER_CLASS, seed: int = DEMO_SEED):
 class ServedModel:
     """``defectscope serve`` in a child process, ready once it prints its endpoint."""
 
-    def __init__(self, model: str | None, timeout_s: float = 120):
-        cmd = [sys.executable, "-m", "defectscope.server.cli", "serve", "--bind", "tcp://127.0.0.1:*"]
+    def __init__(self, model: str | None, timeout_s: float = 120, args=(), bind: str = "tcp://127.0.0.1:*"):
+        """``args``: more ``serve`` options. The log goes to a temporary file (a pipe nobody reads could
+        fill and stall the server)."""
+        cmd = [sys.executable, "-m", "defectscope.server.cli", "serve", "--bind", bind, *map(str, args)]
         if model:
             cmd += ["--model", str(model)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("defectscope serving on "):
-            err = self.proc.stderr.read().strip().splitlines()
             self.proc.wait(timeout_s)
+            self.log.seek(0)
+            err = self.log.read().strip().splitlines()
+            self.log.close()
             raise Internal(f"server did not start: {err[-1] if err else line.strip()}")
         self.banner = line.strip()
         self.endpoint = line.split()[3]
@@ -64,7 +69,7 @@ class ServedModel:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(60)
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.log.close()
         return code
 
 

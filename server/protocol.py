@@ -3,6 +3,21 @@
 Frames are ``[header, buffer_0, buffer_1, ...]``. The header is checked completely - protocol, op,
 kind, dtype against the allow-list, shape against the limits, total bytes - *before* any buffer is
 turned into an array, and buffers become arrays only through ``np.frombuffer`` (no copy, never pickle).
+
+Streamed scans (an extension of SPEC §4 kind ``scan``: frames sent as they are measured)
+    1. ``{"op": "classify", "request_id": R, "input": {"kind": "scan", "shape": [n, rows, cols], "dtype",
+       "geometry", "mask"?, "stream": true}}`` - no frame buffers (the mask buffer, if declared, follows).
+    2. One message per frame: ``{"protocol", "op": "frame", "request_id": R, "index": i}`` + one buffer of
+       ``rows x cols`` values of the declared dtype, in any order; the last one sent carries ``"last": true``.
+    The stream is one request: exactly one reply, the classification after the ``last`` frame (the
+    ``timings_ms`` add ``after_last_frame``: from the last frame's arrival to the reply), or the first
+    error, which closes the stream (a frame the server cannot use, a missing frame at ``last``, no frame
+    for ``Limits.stream_idle_s``, or ``BUSY``: more than ``Limits.max_streams`` open streams or more than
+    ``Limits.stream_queue_frames`` frames waiting). Frames are matched to streams by client identity and
+    request id; frames of a stream that was already answered are dropped without a reply, a frame for a
+    stream never opened gets ``BAD_MESSAGE``. Each frame is gridded on arrival
+    (``Orthonormaliser.accumulate_frame``), so after the last one only the box around the peak, the
+    preparation and the inference remain.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from defectscope.errors import (
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.validate import check_scan_size
 
-OPS = ("classify", "info", "health", "reload")
+OPS = ("classify", "info", "health", "reload", "frame")
 KINDS = ("map", "scan", "file")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_REQUEST_ID = 128
@@ -42,7 +57,8 @@ DTYPE_ALIASES = {
 }
 MASK_DTYPES = {"|b1": "|b1", "bool": "|b1", "|u1": "|u1", "uint8": "|u1", "u1": "|u1"}
 MAP_INPUT_KEYS = {"kind", "shape", "dtype", "axes", "voxel_size", "q_direction"}
-SCAN_INPUT_KEYS = {"kind", "shape", "dtype", "geometry", "mask"}
+SCAN_INPUT_KEYS = {"kind", "shape", "dtype", "geometry", "mask", "stream"}
+FRAME_KEYS = {"protocol", "op", "request_id", "index", "last"}
 FILE_INPUT_KEYS = {"kind", "path", "dataset", "geometry", "axes", "q_direction", "voxel_size"}
 OPTION_KEYS = {"return_prepared"}
 
@@ -220,6 +236,9 @@ def _parse_scan(request: Request, spec: dict, buffers: Sequence, limits: Limits)
     check_scan_size(n_frames, rows, cols, limits, where="input.shape")
     if not isinstance(spec.get("geometry"), dict):
         raise BadMessage("kind 'scan' needs an input.geometry object (a preset and/or explicit fields)")
+    stream = spec.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadMessage("input.stream must be true or false")
     mask_spec = spec.get("mask")
     if mask_spec is not None:
         # The mask is the last buffer: {"shape": [rows, cols] or [n, rows, cols], "dtype": "|u1" or "|b1"}.
@@ -230,14 +249,33 @@ def _parse_scan(request: Request, spec: dict, buffers: Sequence, limits: Limits)
         if mshape not in ([rows, cols], shape):
             raise ShapeMismatch(f"input.mask.shape {mshape} must be [{rows}, {cols}] or {shape}")
         mdtype = _dtype(mask_spec.get("dtype", "|u1"), MASK_DTYPES, "mask dtype")
-        if len(buffers) < 2:
+        if len(buffers) < (1 if stream else 2):
             raise ShapeMismatch("input.mask is declared but no mask buffer follows the frames")
         (mask, _) = _arrays(buffers[-1:], [1, *mshape], mdtype, "mask", split_leading=False)
         request.mask = mask.reshape(mshape).astype(bool, copy=False)
         buffers = buffers[:-1]
+    if stream:
+        if buffers:
+            raise ShapeMismatch(f"a streamed scan's first message carries no frames (only the mask), got {len(buffers)} buffers; "
+                                "send each frame as an op 'frame' message")
+        return
     if not buffers:
         raise ShapeMismatch("kind 'scan' needs the frames as buffer frame(s) after the header")
     request.array, request.frames = _arrays(buffers, shape, dtype, "scan", split_leading=True)
+
+
+def parse_frame(header: dict, buffers: Sequence) -> tuple[int, bool]:
+    """Check an ``op: frame`` message of a streamed scan: ``(index, last)``. Its one buffer is sized by the
+    stream's first message, so the server checks the size against the open stream."""
+    _check_keys(header, FRAME_KEYS, "frame message")
+    index, last = header.get("index"), header.get("last", False)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise BadMessage("frame message needs 'index', a non-negative integer")
+    if not isinstance(last, bool):
+        raise BadMessage("frame 'last' must be true or false")
+    if len(buffers) != 1:
+        raise ShapeMismatch(f"a frame message carries exactly one buffer (the frame), got {len(buffers)}")
+    return index, last
 
 
 # Replies --------------------------------------------------------------------------------------------

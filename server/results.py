@@ -18,13 +18,31 @@ Used by both servers (ZeroMQ and Tango). Design choices, and why:
   as a SWMR reader (``read_results`` does that). Opening it again for appending copies its rows into a
   fresh file that then replaces it; no row is lost.
 
+- **The whole reply, too** (schema 2): ``reply_json`` holds the JSON reply exactly as sent (a batch's reply is
+  cut into the ``reply_json`` of its rows, in order: join them), so a reply can be given again after a
+  restart. ``request_digest`` fingerprints what was asked (the ``input`` object and the buffer bytes) and
+  ``replayed`` marks rows of replies that were given again rather than computed. Columns were only added:
+  schema-1 readers still find every column they know, and a schema-1 file opened for appending is copied
+  into schema 2 (its old rows keep an empty ``reply_json``). The dataset is gzip-compressed (level 1,
+  16-row chunks): the padded text columns shrink to a fraction, and a row costs ~0.3 ms to write.
+- **Idempotent request ids** (SPEC §4 retries): ``replay(request_id, digest)`` returns the recorded ``ok``
+  reply of a client-chosen request id when the new request has the same digest; the ZeroMQ server sends it
+  again (``"replayed": true``) instead of classifying twice, so a client may retry any id after a timeout or a
+  ``kill -9`` of the server. The index (request id -> rows, digest) lives in memory, bounded to the last
+  ``replay_window`` ids (default 100 000, ~35 MB); at start it is rebuilt from the last ``replay_window``
+  rows of the file. Only ``ok`` replies are indexed (an error such as ``BUSY`` must be retryable), and only
+  requests that chose their own ``request_id``. A request id reused with a different payload (another scan
+  under the name ``scan-0054``) is classified anew, and the index then points to the new reply.
+
 Read it with ``read_results(path)`` or ``h5py.File(path, "r", swmr=True)["results"]``.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,13 +55,17 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)        # schema 1: the same columns without reply_json, request_digest, replayed
 DATASET = "results"
 MAX_CLASSES = 8
 TIMINGS = ("decode", "orthonormalise", "prepare", "infer", "total")
-_CHUNK_ROWS = 64
+REPLY_PIECE_BYTES = 4096         # reply_json bytes per row (a one-map reply is ~1.4 kB; a batch has a row per map)
+DEFAULT_REPLAY_WINDOW = 100_000  # request ids whose reply can be given again (memory: ~350 bytes each)
+_CHUNK_ROWS = 16
+_COPY_BLOCK = 4096               # rows per block when a file is rewritten (recovery, schema migration)
 
-RESULT_DTYPE = np.dtype([
+RESULT_DTYPE_V1 = np.dtype([
     ("request_id", "S128"),
     ("time_unix", "<f8"),        # seconds since the epoch, UTC, when the reply was logged
     ("time_iso", "S32"),         # the same instant, ISO 8601, for humans browsing the file
@@ -65,6 +87,12 @@ RESULT_DTYPE = np.dtype([
     ("warnings", "S256"),        # comma-separated warning reasons
 ])
 
+RESULT_DTYPE = np.dtype(RESULT_DTYPE_V1.descr + [
+    ("request_digest", "S32"),   # sha256 (first 128 bits, hex) of the request's input, options and buffers
+    ("replayed", "u1"),          # 1: this reply was given again from an earlier row, not computed
+    ("reply_json", f"S{REPLY_PIECE_BYTES}"),  # the JSON reply as sent (split over a batch's rows); empty if replayed
+])
+
 
 class ResultsLogError(RuntimeError):
     """The results file cannot be used (not ours, wrong schema, locked by another writer, unwritable)."""
@@ -76,6 +104,32 @@ def _fit(text, width: int) -> bytes:
     if len(raw) <= width:
         return raw
     return raw[:width].decode("utf-8", "ignore").encode("utf-8")
+
+
+def replayable(request) -> bool:
+    """Whether a ``protocol.Request`` may be answered from an earlier reply: its client chose its
+    ``request_id`` (a server-made id is never reused), and all of its data came with it (a streamed scan,
+    whose frames follow in later messages, is not fingerprinted when it opens, so it is never replayed)."""
+    header = getattr(request, "header", None) or {}
+    return header.get("request_id") is not None and not (getattr(request, "spec", None) or {}).get("stream")
+
+
+def request_digest(request) -> str:
+    """Fingerprint of what a ``protocol.Request`` asks to classify: its ``input`` object (keys with a null
+    value dropped: absent and null mean the same) and the bytes of its buffers (maps, frames, mask). Two
+    requests with the same digest get the same answer from the same model. ``options`` are left out: they
+    change what comes with a reply (the prepared map), not the classification."""
+    h = hashlib.sha256()
+    spec = {k: v for k, v in (request.spec or {}).items() if v is not None}
+    h.update(json.dumps({"kind": request.kind, "input": spec}, sort_keys=True, default=str).encode("utf-8"))
+    arrays = [request.array] if request.array is not None else list(request.frames or [])
+    if request.mask is not None:
+        arrays.append(request.mask)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"|{a.dtype.str}{list(a.shape)}|".encode("ascii"))
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:32]
 
 
 def describe_source(request) -> str:
@@ -100,20 +154,27 @@ def describe_source(request) -> str:
 
 
 class ResultsLog:
-    """Append-only, thread-safe HDF5 log; ``append`` returns only after the row is flushed."""
+    """Append-only, thread-safe HDF5 log; ``append`` returns only after the row is flushed.
 
-    def __init__(self, path: str | Path, *, server: str = "zmq"):
+    ``replay_window``: how many client-chosen request ids keep a reply that ``replay`` can give again
+    (the most recent ones; 0 turns the index off)."""
+
+    def __init__(self, path: str | Path, *, server: str = "zmq", replay_window: int = DEFAULT_REPLAY_WINDOW):
         self.path = Path(path)
         self.server = server
+        self.replay_window = max(0, int(replay_window))
         self._lock = threading.Lock()
         self.rows_written = 0
         self.failures = 0
         self.last_error: str | None = None
+        # request id -> (first row, number of rows, request digest) of its last ok reply, oldest first.
+        self._index: collections.OrderedDict[str, tuple[int, int, str]] = collections.OrderedDict()
         self._file = None
         self._lock_fd = self._take_writer_lock()
         try:
             self._file = self._open()
             self._ds = self._file[DATASET]
+            self._load_index()
             self._file.swmr_mode = True  # from here on, readers may open the file with swmr=True
         except ResultsLogError:
             raise
@@ -164,7 +225,11 @@ class ResultsLog:
             if "already open for write" not in str(exc) and "consistency flags" not in str(exc):
                 raise
             # The last writer was killed: its flags say "open for SWMR write". Rows are intact (SWMR).
-            self._recover()
+            self._rewrite("recovered")
+            f = h5py.File(self.path, "a", libver="latest")
+        if self._schema_of(f) == 1:  # an older server's file: copy its rows into the current schema
+            f.close()
+            self._rewrite("migrated_from_schema_1")
             f = h5py.File(self.path, "a", libver="latest")
         self._check_schema(f)
         return f
@@ -176,8 +241,17 @@ class ResultsLog:
         f.attrs["server"] = self.server
         f.attrs["description"] = "defectscope classification replies, one row per map (SPEC §7)"
         f.attrs["columns"] = json.dumps({name: RESULT_DTYPE[name].str for name in RESULT_DTYPE.names})
-        f.create_dataset(DATASET, shape=(0,), maxshape=(None,), dtype=RESULT_DTYPE, chunks=(_CHUNK_ROWS,))
+        f.create_dataset(DATASET, shape=(0,), maxshape=(None,), dtype=RESULT_DTYPE, chunks=(_CHUNK_ROWS,),
+                         compression="gzip", compression_opts=1)
         return f
+
+    @staticmethod
+    def _schema_of(f: h5py.File) -> int | None:
+        version = f.attrs.get("defectscope_results_schema")
+        ds = f.get(DATASET)
+        if version == 1 and isinstance(ds, h5py.Dataset) and ds.dtype == RESULT_DTYPE_V1:
+            return 1
+        return int(version) if version is not None and np.ndim(version) == 0 else None
 
     def _check_schema(self, f: h5py.File) -> None:
         version = f.attrs.get("defectscope_results_schema")
@@ -189,22 +263,63 @@ class ResultsLog:
                 "refusing to write into it (choose another ResultsFile / --results)"
             )
 
-    def _recover(self) -> None:
-        rows, attrs = _read_rows(self.path)
+    def _rewrite(self, why: str) -> None:
+        """Copy every row into a fresh file of the current schema that then replaces the old one: after a
+        ``kill -9`` (``why='recovered'``) or for a file of an older schema. Read as a SWMR reader, in blocks."""
         tmp = self.path.with_name(self.path.name + ".recovering")
-        with self._create(tmp) as f:
-            for key in ("created", "server"):
-                if key in attrs:
-                    f.attrs[key] = attrs[key]
-            f.attrs["recovered"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for attempt in range(20):
+            try:
+                src = h5py.File(self.path, "r", swmr=True)
+                break
+            except OSError:  # a reader can race a superblock update (see _read_rows)
+                if attempt == 19:
+                    raise
+                time.sleep(0.05)
+        with src, self._create(tmp) as f:
+            old = src[DATASET]
+            old.refresh()
+            for key in ("created", "server", "recovered", "migrated_from_schema_1"):
+                if key in src.attrs:
+                    f.attrs[key] = src.attrs[key]
+            f.attrs[why] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            n = old.shape[0]
             ds = f[DATASET]
-            ds.resize((len(rows),))
-            ds[:] = rows
+            ds.resize((n,))
+            for start in range(0, n, _COPY_BLOCK):
+                ds[start:start + _COPY_BLOCK] = _to_current(old[start:start + _COPY_BLOCK])
         os.replace(tmp, self.path)
-        log.warning("results file %s was not closed cleanly; its %d rows were recovered", self.path, len(rows))
+        if why == "recovered":
+            log.warning("results file %s was not closed cleanly; its %d rows were recovered", self.path, n)
+        else:
+            log.warning("results file %s: %d rows copied into schema %d (%s)", self.path, n, SCHEMA_VERSION, why)
+
+    def _load_index(self) -> None:
+        """Rebuild the replay index from the last ``replay_window`` rows: ok replies that were computed
+        (not replayed), with a request digest (a client-chosen id) and a recorded reply."""
+        n = self._ds.shape[0]
+        if not self.replay_window or not n:
+            return
+        start = max(0, n - self.replay_window)
+        cols = self._ds.fields(["request_id", "ok", "index", "replayed", "request_digest"])[start:n]
+        usable = (cols["ok"] == 1) & (cols["replayed"] == 0) & (cols["request_digest"] != b"")
+        heads = np.flatnonzero(usable & (cols["index"] == 0))
+        for k, i in enumerate(heads):
+            rid = cols["request_id"][i]
+            end = heads[k + 1] if k + 1 < len(heads) else len(cols)
+            j = i + 1
+            while j < end and cols["index"][j] == j - i and cols["request_id"][j] == rid:
+                j += 1
+            self._remember(rid.decode("utf-8", "replace"), start + int(i), int(j - i), cols["request_digest"][i].decode())
+
+    def _remember(self, rid: str, row: int, n_rows: int, digest: str) -> None:
+        self._index[rid] = (row, n_rows, digest)
+        self._index.move_to_end(rid)
+        while len(self._index) > self.replay_window:
+            self._index.popitem(last=False)
 
     # -- writing ----------------------------------------------------------------------------------
-    def rows(self, reply: dict, *, source: str = "", model: dict | None = None, provider: str | None = None) -> np.ndarray:
+    def rows(self, reply: dict, *, source: str = "", model: dict | None = None, provider: str | None = None,
+             digest: str | None = None, replayed: bool = False) -> np.ndarray:
         """The rows a reply becomes (several for a batch). ``model``/``provider`` fill in error rows."""
         now = time.time()
         model = reply.get("model") or model or {}
@@ -243,13 +358,28 @@ class ResultsLog:
             for name in TIMINGS:
                 row[f"t_{name}_ms"] = float(timings.get(name, np.nan))
             row["warnings"] = _fit(warnings, 256)
+            row["request_digest"] = _fit(digest or "", 32)
+            row["replayed"] = 1 if replayed else 0
+        if not replayed:
+            text = json.dumps(reply, allow_nan=False, separators=(",", ":")).encode("utf-8")  # ASCII: no NUL
+            if len(text) <= len(out) * REPLY_PIECE_BYTES:
+                for i in range(len(out)):
+                    out[i]["reply_json"] = text[i * REPLY_PIECE_BYTES:(i + 1) * REPLY_PIECE_BYTES]
+            else:
+                log.warning("results log %s: reply %s is %d bytes, more than its %d row(s) hold; it is logged "
+                            "without its JSON (a retry of this id is computed again)",
+                            self.path, reply.get("request_id"), len(text), len(out))
         return out
 
-    def append(self, reply: dict, *, source: str = "", model: dict | None = None, provider: str | None = None) -> bool:
+    def append(self, reply: dict, *, source: str = "", model: dict | None = None, provider: str | None = None,
+               digest: str | None = None, replayed: bool = False) -> bool:
         """Write and flush the row(s) of one reply. Never raises: a full disk must not stop the server;
-        failures are counted in ``failures`` / ``last_error`` (Tango ALARM, ZeroMQ health) and logged."""
+        failures are counted in ``failures`` / ``last_error`` (Tango ALARM, ZeroMQ health) and logged.
+
+        ``digest``: ``request_digest`` of a request whose client chose its ``request_id``; an ok reply
+        given with one can be replayed. ``replayed``: this reply was given again (``replay``), not computed."""
         try:
-            rows = self.rows(reply, source=source, model=model, provider=provider)
+            rows = self.rows(reply, source=source, model=model, provider=provider, digest=digest, replayed=replayed)
             with self._lock:
                 if self._file is None:
                     raise ResultsLogError("results log is closed")
@@ -258,12 +388,44 @@ class ResultsLog:
                 self._ds[n:] = rows
                 self._file.flush()  # before the caller sends the reply: a received reply is a logged reply
                 self.rows_written += len(rows)
+                if digest and reply.get("ok") and not replayed and self.replay_window and rows[0]["reply_json"]:
+                    self._remember(str(reply.get("request_id")), n, len(rows), digest)
             return True
         except Exception as exc:
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.error("results log %s: cannot append reply %s: %s", self.path, reply.get("request_id"), exc)
             return False
+
+    def replay(self, request_id: str, digest) -> dict | None:
+        """The recorded ok reply to ``request_id`` when the new request has the same digest, else None.
+
+        ``digest``: the new request's ``request_digest``, or a callable giving it (called only when the id
+        is known, so a request that is not a retry costs one dictionary look-up). Never raises."""
+        entry = self._index.get(request_id)
+        if entry is None:
+            return None
+        row, n_rows, recorded = entry
+        try:
+            wanted = digest() if callable(digest) else digest
+            if wanted != recorded:
+                log.warning("request id %r was answered before for another request (different input); "
+                            "this one is classified anew", request_id)
+                return None
+            with self._lock:
+                if self._file is None:
+                    return None
+                pieces = self._ds.fields("reply_json")[row:row + n_rows]
+            reply = json.loads(b"".join(bytes(p) for p in pieces).decode("utf-8"))
+            return reply if reply.get("request_id") == request_id and reply.get("ok") else None
+        except Exception as exc:  # a damaged row: classify again rather than fail the request
+            log.error("results log %s: cannot replay %r: %s", self.path, request_id, exc)
+            return None
+
+    @property
+    def replayable(self) -> int:
+        """How many request ids ``replay`` can answer now."""
+        return len(self._index)
 
     def close(self) -> None:
         with self._lock:
@@ -299,11 +461,28 @@ def _read_rows(path: Path, retries: int = 20) -> tuple[np.ndarray, dict]:
     raise AssertionError("unreachable")
 
 
+def _to_current(rows: np.ndarray) -> np.ndarray:
+    """Rows of any readable schema in the current ``RESULT_DTYPE`` (columns a schema lacks are empty)."""
+    if rows.dtype == RESULT_DTYPE:
+        return rows
+    out = np.zeros(rows.shape, dtype=RESULT_DTYPE)
+    for name in rows.dtype.names:
+        if name in RESULT_DTYPE.names:
+            out[name] = rows[name]
+    return out
+
+
 def read_results(path: str | Path) -> list[dict]:
-    """The log as a list of dicts (strings decoded, probabilities cut to ``n_classes``)."""
+    """The log as a list of dicts (strings decoded, probabilities cut to ``n_classes``).
+
+    Reads schema 1 and 2 files alike (schema 1 rows get ``replayed`` False and empty ``request_digest``).
+    ``reply`` is the whole JSON reply as sent, on the first row of each reply (``index`` 0; a batch's pieces
+    are joined), or None (rows of a replayed reply, other rows of a batch, schema-1 rows, errors of
+    an old file); ``reply_json`` is this row's raw piece of it."""
     rows, _ = _read_rows(Path(path))
+    rows = _to_current(rows)
     out = []
-    for row in rows:
+    for k, row in enumerate(rows):
         d = {}
         for name in RESULT_DTYPE.names:
             value = row[name]
@@ -317,5 +496,16 @@ def read_results(path: str | Path) -> list[dict]:
         d["n_classes"] = n
         for name in TIMINGS:
             d[f"t_{name}_ms"] = float(row[f"t_{name}_ms"])
+        d["replayed"] = bool(row["replayed"])
+        d["reply"] = None
+        if d["index"] == 0 and row["reply_json"]:
+            text, j = bytes(row["reply_json"]), k + 1
+            while j < len(rows) and rows[j]["index"] == j - k and rows[j]["request_id"] == row["request_id"]:
+                text += bytes(rows[j]["reply_json"])
+                j += 1
+            try:
+                d["reply"] = json.loads(text.decode("utf-8"))
+            except ValueError:  # cut short: an oversized reply of an older writer
+                d["reply"] = None
         out.append(d)
     return out

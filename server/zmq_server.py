@@ -4,6 +4,18 @@ One I/O thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe). It p
 header itself, answers ``info``/``health`` at once, answers ``BUSY`` at once when the queue is full, and
 hands valid classify requests to the workers, who send their replies back over an inproc PUSH/PULL
 pair. Every request gets exactly one reply; nothing a client sends can stop the loop.
+
+- ``reload`` (SPEC §4, only when enabled and authenticated): ``reload_token_file`` enables it; the new model
+  is loaded and warmed up in a background thread while the loop keeps serving, then ``self.classifier`` is
+  replaced in one assignment (see ``server.reload``). Code that classifies reads ``self.classifier`` once per
+  request (or batch) and uses only that object, so each request runs on exactly one model.
+- Idempotent request ids: with a results log, a classify request whose client-chosen ``request_id`` was
+  already answered ``ok`` with the same input (in this run, or in the log found at start) gets the recorded
+  reply again, marked ``"replayed": true``, instead of a second computation - a client may retry any request
+  after a timeout or a ``kill -9`` of the server. Errors are never replayed, nor requests without a
+  ``request_id`` of their own; the index holds the last ``ResultsLog.replay_window`` ids (default 100 000).
+  A replayed reply has no prepared-map frame (``return_prepared``: a ``PREPARED_NOT_REPLAYED`` warning
+  says so). A retry that arrives while the first attempt is still queued or running is computed again.
 """
 
 from __future__ import annotations
@@ -20,11 +32,20 @@ from defectscope import PROTOCOL
 from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, Unauthorized
 from defectscope.server import protocol
 from defectscope.server.core import Classifier
-from defectscope.server.results import describe_source
+from defectscope.server.reload import Reloader
+from defectscope.server.results import describe_source, replayable, request_digest
+from defectscope.server.streams import StreamGridder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
+
+
+def _batchable(item) -> bool:
+    """A queued request that can share an inference call: one map, no prepared map asked back."""
+    request = item[1]
+    return (request.kind == "map" and request.array is not None and request.array.ndim == 3
+            and not request.options.get("return_prepared"))
 
 
 class Server:
@@ -34,18 +55,25 @@ class Server:
         bind: str = DEFAULT_BIND,
         *,
         workers: int = 1,
+        batch_max: int = 1,
         drain_s: float = 10.0,
         context: zmq.Context | None = None,
         results=None,
         curve_secret_file: str | None = None,
         curve_allow_dir: str | None = None,
+        reload_token_file: str | None = None,
     ):
         """``results``: a ``server.results.ResultsLog``; every classify reply (errors too) is appended
-        and flushed before it is sent, so the log holds every answer a client could have seen."""
+        and flushed before it is sent, so the log holds every answer a client could have seen; it also
+        makes request ids idempotent (a repeated ok request is replayed from it, see the module doc).
+        ``reload_token_file``: enables the ``reload`` op for requests carrying the secret in this file,
+        which must be ``chmod 600`` (``server.reload.ReloadTokenError``, a ``ValueError``, otherwise)."""
         self.classifier = classifier
         self.limits = classifier.limits
         self.bind = bind
         self.n_workers = max(1, int(workers))
+        # Up to this many single-map requests already queued are inferred in one call (1: never batch).
+        self.batch_max = max(1, int(batch_max))
         self.drain_s = drain_s
         self.results = results
         # CURVE (SPEC §4, off loopback): the server's key pair from a zmq.auth ``.key_secret`` file and a
@@ -67,6 +95,8 @@ class Server:
         self._workers: list[threading.Thread] = []
         self._error: BaseException | None = None
         self.endpoint: str | None = None
+        self._streams: StreamGridder | None = None
+        self._reloader = Reloader(self, reload_token_file) if reload_token_file else None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "Server":
@@ -87,11 +117,14 @@ class Server:
         self._draining.set()
         if drain:
             deadline = time.monotonic() + self.drain_s
-            while (self._queue.qsize() or self._in_flight) and time.monotonic() < deadline:
+            while (self._queue.qsize() or self._in_flight or self._stream_pending()) and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.drain_s + 5)
+
+    def _stream_pending(self) -> int:
+        return self._streams.pending if self._streams is not None else 0
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + self._in_flight
@@ -117,6 +150,8 @@ class Server:
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         replies = self._ctx.socket(zmq.PULL)
         replies.bind(self._replies_addr)
+        self._streams = StreamGridder(self)
+        self._streams.start()
         self._workers = [
             threading.Thread(target=self._work, name=f"defectscope-worker-{i}", daemon=True)
             for i in range(self.n_workers)
@@ -130,8 +165,12 @@ class Server:
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
         try:
+            next_expiry = time.monotonic() + 1.0
             while not self._stop.is_set():
                 events = dict(poller.poll(50))
+                if time.monotonic() > next_expiry:  # streams that stopped sending frames
+                    next_expiry = time.monotonic() + 1.0
+                    self._stream_errors(router, self._streams.expire())
                 if replies in events:
                     self._forward(replies, router)
                 if router in events:
@@ -142,6 +181,8 @@ class Server:
                             break
                         self._incoming(router, frames)
         finally:
+            self._stream_errors(router, self._streams.abort_all("server stopped before the stream's last frame"))
+            self._streams.stop()
             for _ in self._workers:
                 self._queue.put(None)
             for w in self._workers:
@@ -151,6 +192,11 @@ class Server:
             router.close()
             if self._authenticator is not None:
                 self._authenticator.stop()
+
+    def _stream_errors(self, router, errors) -> None:
+        for stream, exc in errors:
+            self.classifier.stats.record(False, reason=exc.reason)
+            self._send(router, stream.envelope, self._logged(protocol.error_reply(stream.key[1], exc), stream.request))
 
     def _start_curve(self, router) -> None:
         import zmq.auth
@@ -191,12 +237,25 @@ class Server:
             if op == "health":
                 state = "DRAINING" if self._draining.is_set() else "ON"
                 return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True,
-                                                     **self.classifier.health(self.queue_depth(), state)})
+                                                     **self.classifier.health(self.queue_depth(), state),
+                                                     "streams": {"open": len(self._streams.registry),
+                                                                 "late_frames_dropped": self._streams.registry.frames_dropped}})
             if op == "reload":
-                raise Unauthorized("reload is not enabled on this server")
+                if self._reloader is None:
+                    raise Unauthorized("reload is not enabled on this server (serve --reload-token-file)")
+                return self._reloader.start(envelope, header, rid)  # replies when the load is done
+            if op == "frame":  # a frame of a streamed scan (server.streams): a reply only on error
+                error = self._streams.frame(envelope, header, rid, [f.buffer for f in body[1:]], t0)
+                if error is not None:
+                    raise error
+                return
             if self._draining.is_set():
                 raise Busy("server is shutting down and accepts no new work")
             request = protocol.parse_classify(header, rid, [f.buffer for f in body[1:]], self.limits)
+            if request.kind == "scan" and request.spec.get("stream"):  # frames follow; never replayed
+                return self._streams.begin(envelope, request, (time.perf_counter() - t0) * 1e3)
+            if self.results is not None and replayable(request) and self._replay(router, envelope, request):
+                return
             decode_ms = (time.perf_counter() - t0) * 1e3
             try:
                 self._queue.put_nowait((envelope, request, decode_ms))
@@ -213,6 +272,21 @@ class Server:
             self._send(router, envelope,
                        self._logged(protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300]))))
 
+    def _replay(self, router, envelope, request) -> bool:
+        """Send the recorded reply if this request id was answered ok before for the same input."""
+        reply = self.results.replay(request.request_id, lambda: request_digest(request))
+        if reply is None:
+            return False
+        reply["replayed"] = True
+        if reply.pop("prepared", None) is not None or request.options.get("return_prepared"):
+            reply.setdefault("warnings", []).append({
+                "reason": "PREPARED_NOT_REPLAYED",
+                "message": "this reply was given before and is replayed from the results log, without the prepared map"})
+        self.results.append(reply, source=describe_source(request), replayed=True)
+        self.classifier.stats.record_replay()
+        self._send(router, envelope, reply)
+        return True
+
     @staticmethod
     def _send(router, envelope, reply: dict, extra=()) -> None:
         router.send_multipart([*envelope, protocol.encode(reply), *extra], copy=False)
@@ -223,24 +297,54 @@ class Server:
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._replies_addr)
         try:
-            while True:
+            stop = False
+            while not stop:
                 item = self._queue.get()
                 if item is None:
                     return
+                items = [item]
+                # Batching: single maps already waiting join this one in one inference call; nothing waits
+                # for more to arrive, so a lone request is never delayed.
+                while self.batch_max > 1 and _batchable(items[0]) and len(items) < self.batch_max:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    items.append(more)
                 with self._in_flight_lock:
-                    self._in_flight += 1
+                    self._in_flight += len(items)
                 try:
-                    push.send_multipart(self._answer(*item), copy=False)
+                    batch = [i for i in items if _batchable(i)] if len(items) > 1 else []
+                    if len(batch) > 1:
+                        for reply in self._answer_many(batch):
+                            push.send_multipart(reply, copy=False)
+                    for i in items:
+                        if len(batch) <= 1 or not _batchable(i):
+                            push.send_multipart(self._answer(*i), copy=False)
                 finally:
                     with self._in_flight_lock:
-                        self._in_flight -= 1
+                        self._in_flight -= len(items)
         finally:
             push.close()
 
-    def _answer(self, envelope, request, decode_ms) -> list:
-        stats = self.classifier.stats
+    def _answer_many(self, items) -> list[list]:
+        """Replies to single-map requests inferred together (``Classifier.classify_many``)."""
+        classifier = self.classifier
+        outcomes = classifier.classify_many([(request, decode_ms) for _, request, decode_ms in items])
+        return [self._answer(envelope, request, decode_ms, outcome=o, classifier=classifier)
+                for (envelope, request, decode_ms), o in zip(items, outcomes)]
+
+    def _answer(self, envelope, request, decode_ms, *, outcome=None, classifier=None) -> list:
+        """The reply frames to one request (``outcome``: its result or error, when already computed)."""
+        classifier = classifier or self.classifier
+        stats = classifier.stats
         try:
-            outcome = self.classifier.classify(request, decode_ms)
+            if isinstance(outcome, Exception):
+                raise outcome
+            outcome = outcome or classifier.classify(request, decode_ms)
             body = [protocol.encode(outcome.reply), *outcome.frames]
             stats.record(True, outcome.reply["timings_ms"]["total"])
             self._logged(outcome.reply, request)
@@ -258,6 +362,9 @@ class Server:
         """Append the reply to the results log (when there is one) before it is sent; returns it."""
         if self.results is not None:
             p = self.classifier.predictor
+            keep = (request is not None and reply.get("ok") and getattr(self.results, "replay_window", 0)
+                    and replayable(request))
             self.results.append(reply, source=describe_source(request) if request is not None else "",
-                                model=p.describe(), provider=p.provider)
+                                model=p.describe(), provider=p.provider,
+                                digest=request_digest(request) if keep else None)
         return reply

@@ -54,8 +54,12 @@ def test_rows_round_trip(tmp_path):
     assert err["model_version"] == "fixture-1" and err["probabilities"] == [] and err["label"] == ""
     assert (b0["index"], b0["label"], b1["index"], b1["label"]) == (0, "screw", 1, "edge")
     assert b1["probabilities"] == pytest.approx([0.2, 0.2, 0.6])
+    # Schema 2: the whole reply as sent, on the first row of each reply (a batch's pieces joined).
+    assert first["reply"] == ok_reply() and err["reply"]["error"]["reason"] == "SHAPE_MISMATCH"
+    assert b0["reply"]["label"] == ["screw", "edge"] and b1["reply"] is None
+    assert not any(r["replayed"] for r in rows) and first["request_digest"] == ""
     with h5py.File(path, "r") as f:  # closed cleanly: any HDF5 reader opens it, no SWMR needed
-        assert f["results"].dtype == RESULT_DTYPE and f.attrs["defectscope_results_schema"] == 1
+        assert f["results"].dtype == RESULT_DTYPE and f.attrs["defectscope_results_schema"] == 2
         assert np.isnan(f["results"]["probabilities"][0][3:]).all() and f["results"]["probabilities"].shape[1] == MAX_CLASSES
 
 
@@ -211,3 +215,86 @@ def test_zmq_server_kill_9_keeps_every_sent_reply(tmp_path, fixture_model):
     assert set(received) <= {r["request_id"] for r in rows}
     row = next(r for r in rows if r["request_id"] == "zmq-0")
     assert row["server"] == "zmq" and row["ok"] and row["source"] == "map [64, 64, 64] <f4"
+
+
+# -- replay index (idempotent request ids) ---------------------------------------------------------------
+def test_replay_gives_the_recorded_reply_only_for_the_same_request(tmp_path):
+    path = tmp_path / "r.h5"
+    with ResultsLog(path) as results:
+        results.append(ok_reply("a"), digest="d-a")
+        results.append(ok_reply("no-digest"))                          # a server-chosen id: never replayed
+        error = {"protocol": "defectscope/1", "request_id": "e", "ok": False,
+                 "error": {"reason": "BUSY", "message": "queue full"}}
+        results.append(error, digest="d-e")                            # errors are never replayed
+        batch = dict(ok_reply("b"), probabilities=[[0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], label=["screw", "edge"])
+        results.append(batch, digest="d-b")
+        assert results.replay("a", "d-a") == ok_reply("a")
+        assert results.replay("a", lambda: "d-a") == ok_reply("a")     # the digest is computed only when needed
+        assert results.replay("a", "another-payload") is None          # id reused for other data: classify anew
+        assert results.replay("no-digest", "") is None and results.replay("e", "d-e") is None
+        assert results.replay("b", "d-b") == batch
+        results.append(dict(ok_reply("a"), replayed=True), replayed=True)  # logged again, not indexed again
+        assert results.replayable == 2
+    with ResultsLog(path) as again:                                    # rebuilt from the file at start
+        assert again.replayable == 2
+        assert again.replay("a", "d-a") == ok_reply("a") and again.replay("b", "d-b") == batch
+    rows = read_results(path)
+    assert [r["replayed"] for r in rows] == [False] * 5 + [True] and rows[-1]["reply"] is None
+
+
+def test_replay_window_keeps_the_most_recent_ids(tmp_path):
+    path = tmp_path / "r.h5"
+    with ResultsLog(path, replay_window=3) as results:
+        for i in range(5):
+            results.append(ok_reply(f"r{i}"), digest=f"d{i}")
+        assert results.replayable == 3
+        assert results.replay("r1", "d1") is None and results.replay("r2", "d2")["request_id"] == "r2"
+    with ResultsLog(path, replay_window=2) as again:  # the last 2 rows of the file
+        assert again.replay("r2", "d2") is None and again.replay("r4", "d4")["request_id"] == "r4"
+    with ResultsLog(path, replay_window=0) as off:
+        assert off.replay("r4", "d4") is None
+
+
+def test_schema_1_file_stays_readable_and_is_migrated_for_appending(tmp_path):
+    from defectscope.server.results import RESULT_DTYPE_V1
+
+    path = tmp_path / "old.h5"
+    with ResultsLog(tmp_path / "scratch.h5") as scratch:
+        old_rows = scratch.rows(ok_reply("old-1"), source="map [64, 64, 64] <f4")
+    with h5py.File(path, "w", libver="latest") as f:  # what a schema-1 server wrote
+        f.attrs["defectscope_results_schema"] = 1
+        f.attrs["created"] = "2024-01-01T00:00:00+00:00"
+        ds = f.create_dataset("results", shape=(1,), maxshape=(None,), dtype=RESULT_DTYPE_V1, chunks=(64,))
+        ds[0] = np.array([tuple(old_rows[0][n] for n in RESULT_DTYPE_V1.names)], dtype=RESULT_DTYPE_V1)[0]
+    (row,) = read_results(path)
+    assert row["request_id"] == "old-1" and row["probabilities"] == pytest.approx([0.7, 0.2, 0.1])
+    assert row["reply"] is None and row["replayed"] is False
+    with ResultsLog(path) as results:
+        assert results.replay("old-1", "") is None  # no recorded reply in schema 1: nothing to replay
+        results.append(ok_reply("new-1"), digest="d")
+    rows = read_results(path)
+    assert [r["request_id"] for r in rows] == ["old-1", "new-1"] and rows[1]["reply"] == ok_reply("new-1")
+    with h5py.File(path, "r") as f:
+        assert f.attrs["defectscope_results_schema"] == 2 and "migrated_from_schema_1" in f.attrs
+        assert f.attrs["created"] == "2024-01-01T00:00:00+00:00"
+
+
+def test_request_digest_covers_input_and_bytes():
+    from defectscope.server.protocol import Request
+    from defectscope.server.results import request_digest
+
+    amap = bragg_map(seed=1)
+    spec = {"axes": ["q_par", "q_perp1", "q_perp2"]}
+
+    def req(array, options=None, spec=spec):
+        return Request("classify", "x", {}, kind="map", array=array, spec=dict(spec), options=options or {})
+
+    d = request_digest(req(amap))
+    assert d == request_digest(req(amap.copy())) and len(d) == 32
+    other = amap.copy()
+    other[1, 2, 3] += 1
+    assert request_digest(req(other)) != d
+    assert request_digest(req(amap, {"return_prepared": True})) == d  # options do not change the result
+    assert request_digest(req(amap, spec={**spec, "voxel_size": None})) == d  # null means absent
+    assert request_digest(req(amap, spec={**spec, "voxel_size": [1e-3] * 3})) != d
+    assert request_digest(req(amap, spec={"axes": ["q_perp1", "q_par", "q_perp2"]})) != d

@@ -70,3 +70,15 @@ def test_scan_sent_as_one_buffer_equals_one_part_per_frame(server):
         parts = client.classify_scan(list(frames), geometry)
     assert whole["probabilities"] == parts["probabilities"]
     assert whole["timings_ms"]["orthonormalise"] > 0
+
+
+def test_34idc_scan_streamed_frame_by_frame(server, scan_54):
+    """The measured scan sent one frame per message as it would be measured: the answer of the whole scan."""
+    frames, geometry, mask = scan_54
+    with Client(server.endpoint, timeout_s=60, retries=0) as client:
+        whole = client.classify_scan(frames, geometry.to_dict(), mask=mask)
+        streamed = client.classify_scan_stream(frames, geometry.to_dict(), mask=mask, request_id="scan-0054-s")
+    assert streamed["probabilities"] == whole["probabilities"]
+    t = streamed["timings_ms"]
+    # After the last frame only its own gridding, the box, the preparation and the inference remain.
+    assert 0 < t["after_last_frame"] < t["total"]

@@ -1,0 +1,271 @@
+"""Benchmark: the serving path end to end against its floor, bare ONNX Runtime inference, in one run.
+
+    python -m defectscope.benchmarks.bench_serving [--out FILE.json] [--model NAME|PATH] [--quick]
+
+Everything runs against a real ``defectscope serve`` child process (the production command: BLAS on one
+thread, the model's own pipeline) over real ZeroMQ sockets on loopback, with the same model as the floor:
+
+- ``bare_inference``: ``onnxruntime.InferenceSession.run`` on one prepared 64^3 map, batch 1, the same
+  intra-op threads as the server (ORT's default unless ``--threads``) - the floor;
+- ``map``: a 64^3 simulated pattern (raw counts, uint32) from client send to reply, and the reply's stages;
+- ``scan``: a raw 201x256x256 rocking scan (the measured 34-ID-C scan when ``../shared/data`` is there,
+  else a synthetic one of that shape and geometry) sent as one message, one frame per message part;
+- ``scan_stream``: the same scan streamed, one message per frame (``after_last_frame`` is the wait a
+  beamline sees once the detector's last frame is out);
+- ``throughput``: 1, 4 and 16 concurrent clients sending maps, with and without batching (``--batch-max``);
+- ``curve``: the map round trip with CURVE encryption and authentication on.
+
+Medians and p99 of ``--repeat`` requests (default 200 maps, 15 scans); writes JSON to
+``benchmarks/out/serving.json`` with the machine's load average before and after (the machines are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "out" / "serving.json"
+VERSIONS = ("numpy", "onnxruntime", "pyzmq", "xrayutilities", "scipy")
+
+
+def pct(values, q) -> float:
+    return round(float(np.percentile(np.asarray(values, dtype=float), q)), 3)
+
+
+def summary(values) -> dict:
+    return {"p50_ms": pct(values, 50), "p99_ms": pct(values, 99), "n": len(values)}
+
+
+def stage_medians(replies) -> dict:
+    keys = sorted({k for r in replies for k in r["timings_ms"]})
+    return {k: round(float(np.median([r["timings_ms"].get(k, 0.0) for r in replies])), 3) for k in keys}
+
+
+def machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "versions": {name: _version(name) for name in VERSIONS},
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def example_map() -> np.ndarray:
+    """One simulated 64^3 pattern (screw dislocation, Au, seed of the demo), raw counts."""
+    from defectscope.server.demo import make_examples
+
+    counts, rows, _ = make_examples(n_per_class=1)
+    return np.ascontiguousarray(counts[[r["label"] for r in rows].index("screw")])
+
+
+def example_scan():
+    """(name, frames, geometry dict, mask) of a 201x256x256 scan."""
+    from defectscope.benchmarks.bench_orthonormalise import SCAN_34IDC, synthetic_scan
+    from defectscope.server.demo import load_measured_scan
+
+    measured = load_measured_scan() if SCAN_34IDC.is_dir() else None
+    if measured is not None:
+        frames, geometry, mask = measured
+        return "APS 34-ID-C Au(111) scan 54 (measured)", frames, geometry, mask
+    name, frames, geometry = synthetic_scan()[:3]
+    return name, frames, geometry.to_dict(), None
+
+
+# -- the floor ------------------------------------------------------------------------------------
+def bare_inference(model_path: Path, prepared: np.ndarray, threads: int | None, repeat: int) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = prepared[np.newaxis, ..., np.newaxis].astype(np.float32)
+    for _ in range(10):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {**summary(times), "threads": threads or "onnxruntime default", "provider": session.get_providers()[0]}
+
+
+# -- through the server ---------------------------------------------------------------------------
+def round_trips(send, repeat: int, warmup: int = 5) -> tuple[list[float], list[dict]]:
+    for _ in range(warmup):
+        send()
+    times, replies = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        reply = send()
+        times.append((time.perf_counter() - t0) * 1e3)
+        replies.append(reply)
+    return times, replies
+
+
+def throughput(endpoint: str, volume: np.ndarray, clients: int, per_client: int, curve=None) -> dict:
+    """``clients`` threads, each its own DEALER, sending maps back to back; requests per second overall."""
+    from defectscope.errors import Busy
+    from defectscope.server.client import Client
+
+    latencies, busy, errors = [], [0], []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def run():
+        with Client(endpoint, timeout_s=60, retries=0, curve=curve) as client:
+            client.classify(volume)  # connected and warm
+            start.wait()
+            for _ in range(per_client):
+                t0 = time.perf_counter()
+                try:
+                    client.classify(volume)
+                except Busy:
+                    with lock:
+                        busy[0] += 1
+                    continue
+                except Exception as exc:  # reported, not hidden
+                    errors.append(repr(exc))
+                    continue
+                with lock:
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {"clients": clients, "requests": clients * per_client, "completed": len(latencies), "busy": busy[0],
+            "errors": errors[:3], "per_s": round(len(latencies) / elapsed, 2), **summary(latencies)}
+
+
+def serve(model: str, args=()):
+    from defectscope.server.demo import ServedModel
+
+    return ServedModel(model, args=args)
+
+
+def curve_keys(tmp: Path):
+    import zmq.auth
+
+    (tmp / "allow").mkdir()
+    server_pub, server_secret = zmq.auth.create_certificates(tmp, "server")
+    client_pub, client_secret = zmq.auth.create_certificates(tmp / "allow", "client")
+    s_pub, _ = zmq.auth.load_certificate(server_pub)
+    c_pub, c_sec = zmq.auth.load_certificate(client_secret)
+    return server_secret, tmp / "allow", {"server_public": s_pub, "public": c_pub, "secret": c_sec}
+
+
+def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, threads: int | None,
+        batch_max: int) -> dict:
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+    from defectscope.preprocessing.pipeline import prepare
+    from defectscope.server.client import Client
+
+    model_path = Path(resolve_model(model))
+    pipeline = Predictor(model_path, provider="cpu").pipeline
+    volume = example_map()
+    prepared = prepare(volume, pipeline).array
+    scan_name, frames, geometry, mask = example_scan()
+    out = {"model": str(model_path.name), "map_shape": list(volume.shape), "map_dtype": volume.dtype.str,
+           "scan": {"name": scan_name, "shape": list(frames.shape), "dtype": frames.dtype.str,
+                    "bytes": int(frames.nbytes)}}
+    out["bare_inference"] = bare_inference(model_path, prepared, threads, repeat_maps)
+
+    server_args = ["--threads", threads] if threads else []
+    served = serve(model, server_args)
+    try:
+        with Client(served.endpoint, timeout_s=120, retries=0) as client:
+            info = client.info()
+            out["server"] = {"provider": info["provider"], "threads": info.get("threads"), "banner": served.banner}
+            times, replies = round_trips(lambda: client.classify(volume), repeat_maps)
+            out["map"] = {**summary(times), "stages_ms": stage_medians(replies)}
+            times, replies = round_trips(lambda: client.classify_scan(frames, geometry, mask=mask), repeat_scans, 2)
+            out["scan"].update({**summary(times), "stages_ms": stage_medians(replies), "sent": "one message, one frame per part"})
+            times, replies = round_trips(lambda: client.classify_scan_stream(frames, geometry, mask=mask), repeat_scans, 2)
+            out["scan_stream"] = {**summary(times), "stages_ms": stage_medians(replies),
+                                  "after_last_frame_p50_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 50),
+                                  "sent": "one message per frame, as fast as the client can"}
+        out["throughput"] = [throughput(served.endpoint, volume, c, per_client) for c in (1, 4, 16)]
+    finally:
+        out["server"]["exit_code"] = served.stop()
+
+    if batch_max > 1:
+        served = serve(model, [*server_args, "--batch-max", batch_max])
+        try:
+            out["throughput_batched"] = {"batch_max": batch_max, "runs": [
+                throughput(served.endpoint, volume, c, per_client) for c in (1, 4, 16)]}
+        finally:
+            served.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        secret, allow, keys = curve_keys(Path(tmp))
+        served = serve(model, [*server_args, "--curve-secret", secret, "--curve-allow", allow])
+        try:
+            with Client(served.endpoint, timeout_s=60, retries=0, curve=keys) as client:
+                times, _ = round_trips(lambda: client.classify(volume), repeat_maps)
+            out["curve"] = {**summary(times), "vs_plaintext": round(pct(times, 50) / out["map"]["p50_ms"], 3)}
+        finally:
+            served.stop()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="defectscope-3class", help="bundled model name or .onnx path")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--repeat", type=int, default=200, help="map requests per measurement")
+    p.add_argument("--scan-repeat", type=int, default=15, help="scan requests per measurement")
+    p.add_argument("--per-client", type=int, default=60, help="requests per client in the throughput runs")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (server and floor)")
+    p.add_argument("--batch-max", type=int, default=8, help="batching for the batched throughput run (1: skip)")
+    p.add_argument("--quick", action="store_true", help="few repetitions (a smoke run, not figures)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeat, args.scan_repeat, args.per_client = 20, 2, 5
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the server runs (server.cli)
+    before = machine()
+    t0 = time.time()
+    result = run(args.model, args.repeat, args.scan_repeat, args.per_client, args.threads, args.batch_max)
+    result["machine"] = before
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["wall_s"] = round(time.time() - t0, 1)
+    bare = result["bare_inference"]["p50_ms"]
+    result["ratios"] = {"map_e2e_over_bare": round(result["map"]["p50_ms"] / bare, 3),
+                        "scan_e2e_over_bare": round(result["scan"]["p50_ms"] / bare, 3),
+                        "scan_stream_after_last_frame_over_bare": round(result["scan_stream"]["after_last_frame_p50_ms"] / bare, 3)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"bare {bare:.2f} ms; map e2e {result['map']['p50_ms']:.2f} ms ({result['ratios']['map_e2e_over_bare']}x); "
+          f"scan e2e {result['scan']['p50_ms']:.1f} ms ({result['ratios']['scan_e2e_over_bare']}x); "
+          f"stream after last frame {result['scan_stream']['after_last_frame_p50_ms']:.1f} ms -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
