@@ -31,8 +31,10 @@ test-slow: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/defectscope serve
 
+# Serving end to end vs bare inference, raw scans, throughput, CURVE, orthonormalisation ->
+# benchmarks/results.json + results.md + the README's performance table; then the simulator's speed.
 bench: $(STAMP)
-	$(BIN)/python -m defectscope.benchmarks.bench_orthonormalise
+	$(BIN)/python -m defectscope.benchmarks.report
 	$(BIN)/python -m defectscope.benchmarks.bench_simulate
 
 # A local Tango database for the real-database test (root; Debian/Ubuntu). Then: export TANGO_HOST=127.0.0.1:10000

@@ -102,3 +102,31 @@ def test_serving_commands_run_blas_on_one_thread(fixture_model):
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["threads"] == {"openblas_num_threads": "1", "omp_num_threads": "1"}
+
+
+def test_serve_asked_for_cuda_without_a_gpu_degrades_or_refuses(fixture_model, asym_map):
+    """Provider truth over the wire: every reply names the provider really used; 'refuse' does not start."""
+    import onnxruntime as ort
+
+    from defectscope.server.client import Client
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime sees CUDA here: asking for it is not degraded")
+    refused = run_cli("serve", "--model", fixture_model, "--bind", "tcp://127.0.0.1:*", "--provider", "cuda",
+                      "--on-missing-cuda", "refuse")
+    assert refused.returncode != 0 and "CUDA" in refused.stderr and "Traceback" not in refused.stderr
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(fixture_model), "--bind", "tcp://127.0.0.1:*",
+                             "--provider", "cuda", "--on-missing-cuda", "degrade"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "provider=CPUExecutionProvider" in line, line
+        with Client(line.split()[3], timeout_s=30, retries=0) as client:
+            reply = client.classify(asym_map)
+            health = client.health()
+        assert reply["provider"] == "CPUExecutionProvider"
+        assert health["state"] == "DEGRADED" and health["provider"] == "CPUExecutionProvider"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
