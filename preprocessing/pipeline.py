@@ -34,7 +34,7 @@ from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import estimate_oversampling, oversampling_warning, resample, resample_factor
-from defectscope.preprocessing.validate import check_declared, check_values, make_warning
+from defectscope.preprocessing.validate import check_declared, check_range, check_values, make_warning
 
 WARNING_REASONS = (
     "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",
@@ -73,6 +73,10 @@ def prepare(
     """
     volume = np.asarray(volume)
     _, dtype = check_declared(volume.shape, volume.dtype, limits, allow_batch=False, any_byte_order=True)
+    if dtype.kind == "f" and dtype.itemsize > 4:  # would overflow float32 on the cast: say why, not "Inf"
+        low, high = (float(volume.min()), float(volume.max())) if volume.size else (0.0, 0.0)
+        if np.isfinite(low) and np.isfinite(high):  # NaN/Inf: reported by check_values below
+            check_range(low, high)
     work = np.array(volume, dtype=np.float32, order="C", copy=True)  # our buffer: edited in place below
     warnings: list[dict] = []
     masked = _apply_mask(work, mask, config, warnings)

@@ -83,6 +83,18 @@ def check_declared(
     return shape, np.dtype(code)
 
 
+# Above this no detector counts, and the pipeline's float32 sums (centre of mass, autocorrelation) over a
+# map would overflow: such a map is refused, not prepared into something silently different.
+MAX_ABS_VALUE = 1e30
+
+
+def check_range(low: float, high: float) -> None:
+    """Refuse finite values beyond +-MAX_ABS_VALUE (``NonFinite``: out of the range the pipeline computes in)."""
+    if max(abs(low), abs(high)) > MAX_ABS_VALUE:
+        raise NonFinite(f"map values reach {max(abs(low), abs(high)):.3g}, beyond {MAX_ABS_VALUE:.0e}: out of the "
+                        "range the preparation computes in (float32 sums would overflow); rescale the map")
+
+
 def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Check the numbers of one map; return it (small negatives clipped) and the warnings.
 
@@ -96,6 +108,7 @@ def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool =
     if not (np.isfinite(low) and np.isfinite(high)):
         bad = volume.size - int(np.count_nonzero(np.isfinite(volume)))
         raise NonFinite(f"map has {bad} non-finite voxels (NaN or Inf) of {volume.size}")
+    check_range(low, high)
     warnings: list[dict] = []
     if low < 0:
         if high > 0 and -low <= config.negative_clip_fraction * high:

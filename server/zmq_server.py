@@ -316,17 +316,19 @@ class Server:
                     items.append(more)
                 with self._in_flight_lock:
                     self._in_flight += len(items)
+                replies = []
                 try:
                     batch = [i for i in items if _batchable(i)] if len(items) > 1 else []
                     if len(batch) > 1:
-                        for reply in self._answer_many(batch):
-                            push.send_multipart(reply, copy=False)
-                    for i in items:
-                        if len(batch) <= 1 or not _batchable(i):
-                            push.send_multipart(self._answer(*i), copy=False)
+                        replies += self._answer_many(batch)
+                    replies += [self._answer(*i) for i in items if len(batch) <= 1 or not _batchable(i)]
                 finally:
+                    # Out of flight before the reply leaves: a health asked right after its reply sees the
+                    # queue as the client does. A stopping server still forwards these (the loop's finally).
                     with self._in_flight_lock:
                         self._in_flight -= len(items)
+                for reply in replies:
+                    push.send_multipart(reply, copy=False)
         finally:
             push.close()
 

@@ -337,3 +337,11 @@ def test_error_before_the_header_parses_still_echoes_request_id(server):
     reply, _ = raw_request(server.endpoint, [raw])
     assert_error(reply, "UNSUPPORTED_PROTOCOL")
     assert reply["request_id"] == "old-client"
+
+
+def test_health_right_after_a_reply_shows_an_empty_queue(client, asym_map):
+    """The worker leaves 'in flight' before its reply is sent; it once did after, so a health asked at once
+    could still count the answered request."""
+    for _ in range(20):
+        client.classify(asym_map)
+        assert client.health()["queue_depth"] == 0

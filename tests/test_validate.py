@@ -140,3 +140,15 @@ def test_peak_below_minimum_refused():
     assert "below min_peak_counts 10" in one_line(info)
     # The threshold is the config's: a model trained on normalised maps may lower it.
     check_values(volume, PipelineConfig(min_peak_counts=1.0))
+
+
+@pytest.mark.parametrize("dtype, peak", [("<f4", 1e37), ("<f4", 3.4e38), ("<f8", 1e300)])
+def test_values_beyond_the_pipeline_range_are_refused_with_the_reason(dtype, peak):
+    """Finite but huge maps are refused NON_FINITE saying why (an f8 map once got '187907 non-finite voxels')."""
+    from defectscope.errors import NonFinite
+    from defectscope.preprocessing.pipeline import prepare
+
+    volume = np.zeros((16, 16, 16), dtype=dtype)
+    volume[6:10, 6:10, 6:10] = peak
+    with pytest.raises(NonFinite, match="beyond 1e\\+30"):
+        prepare(volume)
