@@ -130,3 +130,58 @@ def test_serve_asked_for_cuda_without_a_gpu_degrades_or_refuses(fixture_model, a
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         proc.stdout.close()
+
+
+def test_sigterm_answers_requests_in_flight_refuses_new_ones_and_exits_0(fixture_model):
+    """SIGTERM with a queue of work: every queued request is answered, a request sent after the signal
+    gets BUSY, and the process exits 0 within its drain time."""
+    import zmq
+
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(fixture_model), "--bind", "tcp://127.0.0.1:*",
+                             "--drain-s", "20", "--queue", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("defectscope serving on"), line
+        sock.connect(line.split()[3])
+        volume = bragg_map(shape=(128, 128, 128), centre=(60.3, 66.1, 63.2)).astype("<f4")
+        spec = {"kind": "map", "shape": list(volume.shape), "dtype": "<f4", "axes": ["q_par", "q_perp1", "q_perp2"]}
+
+        def send(rid):
+            header = {"protocol": "defectscope/1", "op": "classify", "request_id": rid, "input": spec}
+            sock.send_multipart([b"", json.dumps(header).encode(), volume.tobytes()])
+
+        for i in range(12):
+            send(f"queued-{i}")
+        from defectscope.server.client import Client
+
+        with Client(line.split()[3], timeout_s=30, retries=0) as watcher:  # until the server holds all 12
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                h = watcher.health()
+                if h["requests_total"] + h["queue_depth"] >= 12:  # answered + queued or in flight
+                    break
+        assert h["queue_depth"] >= 2, h  # work really is queued or in flight when the signal comes
+        replies = []
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        send("after-sigterm")
+        while sock.poll(15_000):
+            replies.append(json.loads(sock.recv_multipart()[1]))
+            if len(replies) == 13:
+                break
+        code = proc.wait(25)
+        elapsed = time.monotonic() - t0
+    finally:
+        sock.close(0)
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    by_id = {r["request_id"]: r for r in replies}
+    assert len(replies) == 13 and len(by_id) == 13
+    assert all(by_id[f"queued-{i}"]["ok"] for i in range(12)), [r.get("error") for r in replies]
+    assert by_id["after-sigterm"]["error"]["reason"] == "BUSY"
+    assert code == 0 and elapsed < 20
