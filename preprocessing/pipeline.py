@@ -71,74 +71,118 @@ def prepare(
     ``volume``, True (non-zero) = bad voxel, set to 0 before anything else, so masked voxels may hold
     anything (NaN included). Voxel positions in the report are in the full map after frame conversion.
     """
-    volume = np.asarray(volume)
-    _, dtype = check_declared(volume.shape, volume.dtype, limits, allow_batch=False, any_byte_order=True)
-    if dtype.kind == "f" and dtype.itemsize > 4:  # would overflow float32 on the cast: say why, not "Inf"
-        low, high = (float(volume.min()), float(volume.max())) if volume.size else (0.0, 0.0)
-        if np.isfinite(low) and np.isfinite(high):  # NaN/Inf: reported by check_values below
-            check_range(low, high)
-    work = np.array(volume, dtype=np.float32, order="C", copy=True)  # our buffer: edited in place below
-    warnings: list[dict] = []
-    masked = _apply_mask(work, mask, config, warnings)
-    work, clipped = check_values(work, config, in_place=True)
-    warnings += clipped
+    preparation = Preparation(volume, config, axes=axes, q_direction=q_direction, voxel_size=voxel_size,
+                              mask=mask, limits=limits)
+    return preparation.finish(*preparation.estimate())
 
-    shape = config.shape
-    margin = np.array([max(4, n // _MARGIN_FRACTION) for n in shape])
-    source = _CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
-    source.start(config, np.asarray(shape) + 2 * margin)
-    peak = find_peak(source.array, config)
-    if not peak.median_counts > 0:
-        raise LowSignal(
-            f"no peak wider than one voxel: the brightest voxels ({peak.counts:.6g} counts) are isolated "
-            f"(median of their {config.peak_median_size}^3 neighbourhood is 0)"
-        )
-    peak_index = np.array(peak.index) + source.origin  # full canonical grid from here on
-    warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config)
 
-    window = crop_pad(source.array, peak.index, shape)
-    isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
-    if isolated:
-        warnings.append(isolated)
-    per_axis, overall = estimate_oversampling(window, config)
-    factor = resample_factor(overall, config)
-    if factor == 1.0:
-        centred, window_centre = _centre(source, peak_index, shape, margin)
-    else:
-        warnings.append(oversampling_warning(per_axis, overall, factor, config))
-        centred, window_centre = _resample_and_centre(source, peak_index, factor, shape, margin)
-    if not centred.converged:
-        com = centre_of_mass(centred.array)
-        warnings.append(make_warning(
-            "CENTRING_NOT_CONVERGED",
-            f"centre of mass at ({', '.join(f'{c:.2f}' for c in com)}) after {centred.iterations} whole-voxel "
-            f"re-cuts, not rounding to {[n // 2 for n in shape]}: content entering and leaving the window",
-        ))
+class Preparation:
+    """``prepare`` in two halves around the oversampling estimate, which reads only ``window``.
 
-    array = apply_intensity(centred.array, config, in_place=True)  # the window is ours: no copy
-    report = {
-        "input_shape": list(volume.shape),
-        "input_dtype": dtype.str,
-        "frame": source.info,
-        "masked_voxels": masked,
-        "masked_fraction": masked / volume.size,
-        "max_counts": float(work.max()),
-        "total_counts": float(work.sum(dtype=np.float64)),
-        "peak_index": peak_index.tolist(),
-        "peak_centre": [round(c + o, 3) for c, o in zip(peak.centre, source.origin.tolist())],
-        "peak_counts": peak.counts,
-        "peak_median_counts": peak.median_counts,
-        "oversampling_per_axis": [round(float(s), 3) for s in per_axis],
-        "oversampling": round(overall, 3),
-        "resample_factor": round(factor, 4),
-        "oversampling_after": round(overall * factor, 3),
-        "com_shift": list(centred.shift),
-        "window_centre": [round(c, 3) for c in window_centre],
-        "com_iterations": centred.iterations,
-        "com_converged": centred.converged,
-        "config_schema_version": config.schema_version,
-    }
-    return Prepared(array, warnings, report)
+    ``prepare`` runs them in order. The server may instead run ``estimate`` beside ``centre_unresampled``
+    and the inference of its result, and keep that result when the estimate asks for no resampling
+    (the common case), since then ``finish`` gives the very same map (``tests/test_pipeline.py``).
+    """
+
+    def __init__(self, volume, config: PipelineConfig = PipelineConfig(), *, axes: Sequence[str] = CANONICAL_AXES,
+                 q_direction=None, voxel_size=None, mask=None, limits: Limits = Limits()):
+        volume = np.asarray(volume)
+        _, dtype = check_declared(volume.shape, volume.dtype, limits, allow_batch=False, any_byte_order=True)
+        if dtype.kind == "f" and dtype.itemsize > 4:  # would overflow float32 on the cast: say why, not "Inf"
+            low, high = (float(volume.min()), float(volume.max())) if volume.size else (0.0, 0.0)
+            if np.isfinite(low) and np.isfinite(high):  # NaN/Inf: reported by check_values below
+                check_range(low, high)
+        work = np.array(volume, dtype=np.float32, order="C", copy=True)  # our buffer: edited in place below
+        warnings: list[dict] = []
+        masked = _apply_mask(work, mask, config, warnings)
+        work, clipped = check_values(work, config, in_place=True)
+        warnings += clipped
+
+        shape = config.shape
+        margin = np.array([max(4, n // _MARGIN_FRACTION) for n in shape])
+        source = _CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
+        source.start(config, np.asarray(shape) + 2 * margin)
+        peak = find_peak(source.array, config)
+        if not peak.median_counts > 0:
+            raise LowSignal(
+                f"no peak wider than one voxel: the brightest voxels ({peak.counts:.6g} counts) are isolated "
+                f"(median of their {config.peak_median_size}^3 neighbourhood is 0)"
+            )
+        peak_index = np.array(peak.index) + source.origin  # full canonical grid from here on
+        warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config)
+
+        window = crop_pad(source.array, peak.index, shape)  # a copy: nothing below writes into it
+        isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
+        if isolated:
+            warnings.append(isolated)
+        self.config, self.shape, self.margin, self.source = config, shape, margin, source
+        self.window, self.peak, self.peak_index, self.warnings = window, peak, peak_index, warnings
+        self._input = (list(volume.shape), dtype.str, masked, volume.size, work)
+
+    def estimate(self) -> tuple[np.ndarray, float]:
+        """The oversampling estimate (per axis, overall); reads ``window`` only."""
+        return estimate_oversampling(self.window, self.config)
+
+    def centre_unresampled(self) -> "_Centred":
+        """The centred, normalised window as it is when no resampling is needed."""
+        return self._finish_window(*_centre(self.source, self.peak_index, self.shape, self.margin))
+
+    def _finish_window(self, centred: CentredWindow, window_centre) -> "_Centred":
+        # The centre of mass for the warning is that of the counts, before the intensity transform.
+        com = None if centred.converged else centre_of_mass(centred.array)
+        array = apply_intensity(centred.array, self.config, in_place=True)  # the window is ours: no copy
+        return _Centred(array, centred, window_centre, com)
+
+    def finish(self, per_axis, overall: float, unresampled: "_Centred | None" = None) -> Prepared:
+        """The prepared map for this estimate; ``unresampled`` (from ``centre_unresampled``) is used when
+        the estimate needs no resampling, instead of centring again."""
+        config, shape, warnings = self.config, self.shape, list(self.warnings)
+        factor = resample_factor(overall, config)
+        if factor == 1.0:
+            done = unresampled if unresampled is not None else self.centre_unresampled()
+        else:
+            warnings.append(oversampling_warning(per_axis, overall, factor, config))
+            done = self._finish_window(*_resample_and_centre(self.source, self.peak_index, factor, shape, self.margin))
+        centred, window_centre = done.centred, done.window_centre
+        if done.com is not None:
+            warnings.append(make_warning(
+                "CENTRING_NOT_CONVERGED",
+                f"centre of mass at ({', '.join(f'{c:.2f}' for c in done.com)}) after {centred.iterations} whole-voxel "
+                f"re-cuts, not rounding to {[n // 2 for n in shape]}: content entering and leaving the window",
+            ))
+        input_shape, input_dtype, masked, size, work = self._input
+        peak, source = self.peak, self.source
+        report = {
+            "input_shape": input_shape,
+            "input_dtype": input_dtype,
+            "frame": source.info,
+            "masked_voxels": masked,
+            "masked_fraction": masked / size,
+            "max_counts": float(work.max()),
+            "total_counts": float(work.sum(dtype=np.float64)),
+            "peak_index": self.peak_index.tolist(),
+            "peak_centre": [round(c + o, 3) for c, o in zip(peak.centre, source.origin.tolist())],
+            "peak_counts": peak.counts,
+            "peak_median_counts": peak.median_counts,
+            "oversampling_per_axis": [round(float(s), 3) for s in per_axis],
+            "oversampling": round(overall, 3),
+            "resample_factor": round(factor, 4),
+            "oversampling_after": round(overall * factor, 3),
+            "com_shift": list(centred.shift),
+            "window_centre": [round(c, 3) for c in window_centre],
+            "com_iterations": centred.iterations,
+            "com_converged": centred.converged,
+            "config_schema_version": config.schema_version,
+        }
+        return Prepared(done.array, warnings, report)
+
+
+@dataclass
+class _Centred:
+    array: np.ndarray  # centred window after the intensity transform: the model input
+    centred: CentredWindow
+    window_centre: list
+    com: np.ndarray | None  # centre of mass of the counts when centring did not converge
 
 
 class _CanonicalSource:

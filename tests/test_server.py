@@ -345,3 +345,55 @@ def test_health_right_after_a_reply_shows_an_empty_queue(client, asym_map):
     for _ in range(20):
         client.classify(asym_map)
         assert client.health()["queue_depth"] == 0
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_overlapped_estimate_gives_the_serial_answer(predictor, resampled):
+    """The oversampling estimate beside centring and inference changes nothing: same map, report, answer
+    (also when the estimate asks for resampling and the first inference is thrown away)."""
+    from defectscope.server.core import Classifier
+    from defectscope.server.protocol import parse_classify
+
+    size = (3.0, 2.5, 2.0) if resampled else (14.0, 11.0, 9.0)  # oversampling 13 (resampled) or 3.1
+    volume = bragg_map(size=size).astype("<f4")
+    header = {"input": {"kind": "map", "shape": list(volume.shape), "dtype": "<f4",
+                        "axes": ["q_par", "q_perp1", "q_perp2"]}, "options": {"return_prepared": True}}
+    replies = []
+    for overlap in (False, True):
+        request = parse_classify(dict(header, input=dict(header["input"])), "o", [volume.tobytes()], Limits())
+        replies.append(Classifier(predictor, overlap=overlap).classify(request))
+    serial, overlapped = replies
+    assert overlapped.frames == serial.frames
+    for key in ("probabilities", "label", "warnings", "preparation"):
+        assert overlapped.reply[key] == serial.reply[key]
+    assert (serial.reply["preparation"]["resample_factor"] != 1.0) == resampled
+
+
+def _classify_in_child(classifier, volume, out):
+    from defectscope.server.protocol import parse_classify
+
+    header = {"input": {"kind": "map", "shape": list(volume.shape), "dtype": "<f4", "axes": ["q_par", "q_perp1", "q_perp2"]}}
+    out.put(classifier.classify(parse_classify(header, "child", [volume.tobytes()], Limits())).reply["label"])
+
+
+def test_a_forked_child_classifies_too(predictor):
+    """The helper threads of the overlapped estimate do not survive a fork; a forked child (as Tango's
+    DeviceTestContext makes) must make its own instead of waiting forever on the parent's pool."""
+    import multiprocessing
+
+    from defectscope.server.core import Classifier
+
+    classifier = Classifier(predictor)
+    volume = bragg_map().astype("<f4")
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    _classify_in_child(classifier, volume, out)  # the parent's pool exists now
+    parent_label = out.get(timeout=10)
+    child = ctx.Process(target=_classify_in_child, args=(classifier, volume, out))
+    child.start()
+    try:
+        assert out.get(timeout=30) == parent_label
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
