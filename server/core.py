@@ -176,7 +176,11 @@ class Classifier:
         n0, n1, n2 = self.predictor.pipeline.shape
         grids = np.meshgrid(*(np.arange(n) - n / 2 + 0.3 for n in (n0, n1, n2)), indexing="ij", sparse=True)
         blob = (1e4 * np.exp(-sum((g / w) ** 2 for g, w in zip(grids, (2.5, 3.0, 3.5))))).astype(np.float32)
-        self.predictor.predict(prepare(blob, self.predictor.pipeline, limits=self.limits).array[np.newaxis])
+        preparation = Preparation(blob, self.predictor.pipeline, limits=self.limits)
+        # The estimate through the helper pool as requests use it (its threads start here, not on a request).
+        estimate = self._estimator().submit(preparation.estimate) if self.overlap else None
+        per_axis, overall = estimate.result() if estimate is not None else preparation.estimate()
+        self.predictor.predict(preparation.finish(per_axis, overall).array[np.newaxis])
         return (time.perf_counter() - t0) * 1e3
 
     # -- ops --------------------------------------------------------------------------------------

@@ -329,6 +329,11 @@ def test_classifier_warms_up_the_whole_path(predictor):
 
     classifier = Classifier(predictor)
     assert classifier.warmup_ms > 0
+    # The overlapped estimate's helper thread is started by the warm-up, not by the first request (the
+    # first map of the demo once took 50 ms instead of 10).
+    import threading
+
+    assert any(t.name.startswith("defectscope-estimate") for t in threading.enumerate())
 
 
 def test_error_before_the_header_parses_still_echoes_request_id(server):
