@@ -137,6 +137,8 @@ def test_sigterm_answers_requests_in_flight_refuses_new_ones_and_exits_0(fixture
     gets BUSY, and the process exits 0 within its drain time."""
     import zmq
 
+    N = 24
+
     proc = subprocess.Popen([*CLI, "serve", "--model", str(fixture_model), "--bind", "tcp://127.0.0.1:*",
                              "--drain-s", "20", "--queue", "32"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -153,25 +155,26 @@ def test_sigterm_answers_requests_in_flight_refuses_new_ones_and_exits_0(fixture
             header = {"protocol": "defectscope/1", "op": "classify", "request_id": rid, "input": spec}
             sock.send_multipart([b"", json.dumps(header).encode(), volume.tobytes()])
 
-        for i in range(12):
+        for i in range(N):
             send(f"queued-{i}")
         from defectscope.server.client import Client
 
-        with Client(line.split()[3], timeout_s=30, retries=0) as watcher:  # until the server holds all 12
+        with Client(line.split()[3], timeout_s=30, retries=0) as watcher:  # until the server holds all N
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 h = watcher.health()
-                if h["requests_total"] + h["queue_depth"] >= 12:  # answered + queued or in flight
+                if h["requests_total"] + h["queue_depth"] >= N:  # answered + queued or in flight
                     break
-        assert h["queue_depth"] >= 2, h  # work really is queued or in flight when the signal comes
+            assert h["queue_depth"] >= 2, h  # work really is queued or in flight when the signal comes
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            while watcher.health()["state"] != "DRAINING":  # the signal has been taken: new work is refused
+                assert time.monotonic() - t0 < 10
+            send("after-sigterm")
         replies = []
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        send("after-sigterm")
         while sock.poll(15_000):
             replies.append(json.loads(sock.recv_multipart()[1]))
-            if len(replies) == 13:
+            if len(replies) == N + 1:
                 break
         code = proc.wait(25)
         elapsed = time.monotonic() - t0
@@ -181,7 +184,7 @@ def test_sigterm_answers_requests_in_flight_refuses_new_ones_and_exits_0(fixture
             proc.kill()
         proc.stdout.close()
     by_id = {r["request_id"]: r for r in replies}
-    assert len(replies) == 13 and len(by_id) == 13
-    assert all(by_id[f"queued-{i}"]["ok"] for i in range(12)), [r.get("error") for r in replies]
+    assert len(replies) == N + 1 and len(by_id) == N + 1
+    assert all(by_id[f"queued-{i}"]["ok"] for i in range(N)), [r.get("error") for r in replies]
     assert by_id["after-sigterm"]["error"]["reason"] == "BUSY"
     assert code == 0 and elapsed < 20
