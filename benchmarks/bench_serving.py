@@ -273,8 +273,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the server runs (server.cli)
     before = machine()
     t0 = time.time()
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result = run(args.model, args.repeat, args.scan_repeat, args.per_client, args.threads, args.batch_max)
     result["machine"] = before
+    result["measured_at"] = measured_at
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     result["wall_s"] = round(time.time() - t0, 1)
     bare = result["bare_inference"]["p50_ms"]

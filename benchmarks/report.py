@@ -47,7 +47,8 @@ def collect(serving: dict, ortho: dict) -> dict:
                                      "measured": None, "met": None,
                                      "note": "no GPU on this machine: not measured"}
     return {
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # When the serving benchmark ran (a --skip-run rebuild keeps it), else now.
+        "generated": serving.get("measured_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "make bench  (python -m defectscope.benchmarks.report)",
         "machine": serving["machine"],
         "load_average_after": serving.get("load_average_after"),
