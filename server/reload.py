@@ -152,7 +152,7 @@ class Reloader:
 
         path = resolve_model(model or self.configured_model)
         predictor = Predictor(path, **getattr(old.predictor, "load_options", {"provider": old.predictor.requested_provider}))
-        new = Classifier(predictor, limits=old.limits, data_root=old.data_root)  # warms up the whole path
+        new = Classifier(predictor, limits=old.limits, data_root=old.data_root, overlap=old.overlap)  # warms up
         new.stats = old.stats  # counters and latencies cover the whole run
         return new
 

@@ -238,3 +238,17 @@ def test_serve_refuses_a_world_readable_token_file(tmp_path, fixture_model):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("defectscope: error:")]
     assert len(lines) == 1 and "0644" in lines[0] and "chmod 600" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reloaded_classifier_keeps_the_servers_settings(predictor, token_file, second_model):
+    """The new classifier is made like the old one: limits, data root and the overlap setting (the overlap
+    was once dropped, so a server built without it got it back after a reload)."""
+    from defectscope.preprocessing.config import Limits
+    from defectscope.server.core import Classifier
+    from defectscope.server.reload import Reloader
+
+    old = Classifier(predictor, limits=Limits(queue_length=3), overlap=False)
+    server = type("S", (), {"classifier": old})()
+    new = Reloader(server, token_file).load(str(second_model), old)
+    assert new.overlap is False and new.limits == old.limits and new.data_root == old.data_root
+    assert new.stats is old.stats and new.predictor.describe()["version"] == "fixture-2"
