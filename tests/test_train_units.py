@@ -135,6 +135,36 @@ def test_stream_order_is_seeded_per_epoch_and_covers_each_map_once(sim_file):
         assert np.array_equal(s.order(1), data.MapStream(ex, SMALL, shuffle=True, seed=7).order(1))
 
 
+def test_oversampling_repeats_the_chosen_position_mode_only(sim_file):
+    with data.open_map_file(sim_file) as mf:
+        ex = data.select([mf], "all", ("defect_free", "screw", "edge"))
+        modes = np.array([m.decode() for m in mf.parameters()["position_mode"]])
+        reps = data.repeat_factors(ex, {"RPD": 3, "CD": 2})
+        assert np.array_equal(reps, np.where(modes == "RPD", 3, np.where(modes == "CD", 2, 1)))
+        assert np.array_equal(data.repeat_factors(ex, None), np.ones(ex.n, dtype=np.int64))
+        s = data.MapStream(ex, SMALL, shuffle=True, seed=1, repeats=reps)
+        assert len(s) == int(reps.sum())
+        assert np.array_equal(np.bincount(s.order(0), minlength=ex.n), reps)
+
+
+def test_oversampling_leaves_labelled_maps_alone(tmp_path):
+    maps = np.random.default_rng(0).random((6, 8, 8, 8)).astype(np.float32)
+    path = data.write_labelled_maps(tmp_path / "m.h5", maps, np.array([0, 1, 2, 0, 1, 2]), ["defect_free", "screw", "edge"])
+    with data.open_map_file(path) as mf:
+        ex = data.select([mf], "all", ("defect_free", "screw", "edge"))
+        assert np.array_equal(data.repeat_factors(ex, {"RPD": 5}), np.ones(6, dtype=np.int64))
+
+
+@pytest.mark.parametrize("bad", [{"RPD": 0}, {"RPD": 1.5}, {"RPD": True}, {"middle": 2}, ["RPD"]])
+def test_oversample_option_is_checked(bad):
+    pytest.importorskip("tensorflow")
+    from defectscope.training.train import TrainConfig
+
+    with pytest.raises(BadMessage, match="oversample"):
+        TrainConfig(oversample=bad)
+    assert TrainConfig.from_dict({"oversample": {"RPD": 3}}).oversample == {"RPD": 3}
+
+
 def test_prepared_cache_is_reused_and_rebuilt_when_the_config_changes(tmp_path, sim_file):
     with data.open_map_file(sim_file) as mf:
         ex = data.select([mf], "all", ("defect_free", "screw", "edge"))

@@ -259,6 +259,25 @@ class Examples:
         raise IndexError(k)
 
 
+POSITION_MODES = ("CD", "RPD", "none")
+
+
+def repeat_factors(examples: Examples, oversample: dict | None) -> np.ndarray:
+    """Per-example repeat counts from ``{position_mode: factor}``; 1 where a file has no position modes."""
+    out = np.ones(examples.n, dtype=np.int64)
+    if not oversample:
+        return out
+    start = 0
+    for mf, idx in examples.sources:
+        modes = mf.parameters().get("position_mode")
+        if modes is not None:
+            names = np.array([m.decode() if isinstance(m, bytes) else str(m) for m in modes[idx]])
+            for mode, factor in oversample.items():
+                out[start:start + idx.size][names == mode] = int(factor)
+        start += idx.size
+    return out
+
+
 def select(files: list[MapFile], split: str, model_classes) -> Examples:
     sources, labels = [], []
     for mf in files:
@@ -395,7 +414,7 @@ class MapStream:
     each map as it is read (``cache=None``). Index order reshuffled every epoch from (seed, epoch)."""
 
     def __init__(self, examples: Examples, config: PipelineConfig, *, cache: PreparedCache | None = None,
-                 shuffle: bool = False, augment: bool = False, seed: int = 0):
+                 shuffle: bool = False, augment: bool = False, seed: int = 0, repeats: np.ndarray | None = None):
         self.examples, self.config, self.cache = examples, config, cache
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.epoch = 0  # the next epoch's number; set by the trainer when it resumes
@@ -403,6 +422,8 @@ class MapStream:
         eye = np.eye(examples.n_classes, dtype=np.float32)
         self.onehot = eye[examples.labels] if examples.n else np.zeros((0, examples.n_classes), np.float32)
         self.indices = np.arange(examples.n) if cache is None else np.flatnonzero(cache.valid)
+        if repeats is not None:  # oversampling: an example appears repeats[k] times per epoch
+            self.indices = np.repeat(self.indices, np.asarray(repeats)[self.indices])
 
     def __len__(self) -> int:
         return int(self.indices.size)

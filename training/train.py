@@ -64,6 +64,10 @@ class TrainConfig:
     cache: bool = True
     architecture: dict | None = None
     parity_maps: int = 100
+    # Repeat factors per simulated position mode in each training epoch, e.g. {"RPD": 3}: the rare,
+    # hard random-position dislocations are seen more often without changing the dataset. Maps of files
+    # without position modes (measured maps) keep factor 1. Validation and test are never repeated.
+    oversample: dict | None = None
     split_fractions: tuple[float, float, float] = data_mod.DEFAULT_SPLIT_FRACTIONS
 
     def __post_init__(self):
@@ -79,6 +83,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
                 raise BadMessage(f"train config {name} must lie in (0, 1), got {value!r}")
+        if self.oversample is not None:
+            if not isinstance(self.oversample, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100
+                    for k, v in self.oversample.items()):
+                raise BadMessage(f"train config oversample must map position modes to integers 1-100, got {self.oversample!r}")
+            unknown = sorted(set(self.oversample) - set(data_mod.POSITION_MODES))
+            if unknown:
+                raise BadMessage(f"train config oversample has unknown position modes {unknown} (known: {list(data_mod.POSITION_MODES)})")
         if self.architecture is not None:
             try:
                 Architecture.from_dict(self.architecture)
@@ -320,8 +332,10 @@ class Run:
                 if not cache.ready():
                     self.log(f"preparing {examples.n} {split} maps (cached in {cache.array_path.parent})")
                 cache.build(progress=self.progress, log=self.log)
+            repeats = data_mod.repeat_factors(examples, cfg.oversample) if split == "train" and cfg.oversample else None
             streams[split] = data_mod.MapStream(examples, self.pipeline, cache=cache, shuffle=split == "train",
-                                                augment=cfg.augment and split == "train", seed=cfg.seed)
+                                                augment=cfg.augment and split == "train", seed=cfg.seed,
+                                                repeats=repeats)
         return streams
 
     def _execute(self, files) -> dict:
