@@ -211,3 +211,22 @@ def test_transform_about_the_peak_keeps_the_peak_and_zooms_the_width():
     mask[centre[0], :, :] = 1
     _, m = transform_about(vol, mask, rotation_matrix([1, 0, 0], 0.3), centre)
     assert m is not None and m[centre].item() == 1
+
+
+def test_accuracy_by_dislocation_offset_groups_defective_maps_by_character_and_distance():
+    from defectscope.training.evaluate import _by_group, _group_keys
+
+    b = np.array([2.0, -2.0, 0.0])
+    params = {
+        "dislocation_offset_angstrom": np.array([np.nan, 10.0, 55.0, 95.0]),
+        "crystal_extent_angstrom": np.full((4, 3), 160.0),
+        "burgers_vector_angstrom": np.array([[0, 0, 0], b, b, b]),
+        "line_direction": np.array([[0, 0, 0], b / np.linalg.norm(b), [1, 1, -2] / np.sqrt(6), b / np.linalg.norm(b)]),
+    }
+    keys = [_group_keys(params, i) for i in range(4)]
+    assert "dislocation_offset" not in keys[0]  # defect-free
+    assert [k["dislocation_offset"] for k in keys[1:]] == ["screw 0.00-0.25", "edge 0.50-0.75", "screw >0.75"]
+    out = _by_group(np.array([True, True, False, True]), keys, [])
+    assert out["dislocation_offset"] == {"edge 0.50-0.75": {"n": 1, "accuracy": 0.0},
+                                         "screw 0.00-0.25": {"n": 1, "accuracy": 1.0},
+                                         "screw >0.75": {"n": 1, "accuracy": 1.0}}

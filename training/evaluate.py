@@ -251,12 +251,38 @@ def _label_space(files, model_classes) -> tuple[list, bool]:
         raise
 
 
+OFFSET_BINS = (0.25, 0.5, 0.75)  # distance of the line from the centroid / half the mean crystal extent
+
+
+def _offset_key(params: dict, i: int) -> str | None:
+    """'screw 0.50-0.75' etc.: the dislocation's character and its distance from the centroid relative to
+    half the crystal's mean extent (0 at the centre, ~1 at the surface); None for defect-free maps."""
+    if not all(k in params for k in ("dislocation_offset_angstrom", "crystal_extent_angstrom", "line_direction",
+                                     "burgers_vector_angstrom")):
+        return None
+    offset = float(params["dislocation_offset_angstrom"][i])
+    b = np.asarray(params["burgers_vector_angstrom"][i], dtype=float)
+    if not np.isfinite(offset) or not np.any(b):
+        return None
+    t = np.asarray(params["line_direction"][i], dtype=float)
+    kind = "screw" if abs(t @ b) > 0.99 * np.linalg.norm(b) * np.linalg.norm(t) else "edge"
+    r = offset / (0.5 * float(np.mean(params["crystal_extent_angstrom"][i])))
+    edges = (0.0, *OFFSET_BINS, None)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi is None or r < hi:
+            return f"{kind} {lo:.2f}-{hi:.2f}" if hi is not None else f"{kind} >{lo:.2f}"
+    return None  # unreachable
+
+
 def _group_keys(params: dict, i: int) -> dict:
     keys = {}
     for name in ("element", "position_mode", "size"):
         if name in params:
             v = params[name][i]
             keys[name] = v.decode() if isinstance(v, bytes) else str(v)
+    offset = _offset_key(params, i)
+    if offset is not None:
+        keys["dislocation_offset"] = offset
     return keys
 
 
@@ -265,6 +291,9 @@ def _by_group(correct: np.ndarray, keys: list[dict], reports: list[dict]) -> dic
     for name in ("element", "position_mode", "size"):
         if keys and all(name in k for k in keys):
             out[name] = group_accuracy(correct, [k[name] for k in keys])
+    defective = [j for j, k in enumerate(keys) if "dislocation_offset" in k]
+    if defective:  # defective maps only, by character and distance of the line from the centroid
+        out["dislocation_offset"] = group_accuracy(correct[defective], [keys[j]["dislocation_offset"] for j in defective])
     if reports:
         out["peak_counts_decade"] = group_accuracy(correct, [_decade(r["peak_counts"]) for r in reports])
         out["oversampling_estimated"] = group_accuracy(correct, [_oversampling_bin(r["oversampling"]) for r in reports])
