@@ -104,3 +104,16 @@ def test_config_is_frozen():
 
 def test_limits_defaults_cover_the_protocol_dtypes():
     assert set(Limits().allowed_dtypes) == {"<f4", "<f8", "<u2", "<u4", "<i4"}
+
+
+@pytest.mark.parametrize("name", ["sqrt.toml", "finetune_rpd.toml"])
+def test_the_run_configs_in_training_configs_load(name):
+    """The run configs the README and cards name are valid: their commands must work as written."""
+    from conftest import REPO
+    from defectscope.training.train import TrainConfig, load_run_config
+
+    train, pipeline = load_run_config(REPO / "training" / "configs" / name)
+    TrainConfig.from_dict(train)
+    PipelineConfig.from_dict({"schema_version": SCHEMA_VERSION, **pipeline})
+    if name == "sqrt.toml":
+        assert pipeline == {"intensity_transform": "sqrt"}
