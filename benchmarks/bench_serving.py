@@ -14,7 +14,9 @@ thread, the model's own pipeline) over real ZeroMQ sockets on loopback, with the
   ``scan_stream_paced``: one frame every 5 ms, as a (fast) detector delivers them; ``after_last_frame``
   is the wait a beamline sees once the detector's last frame is out;
 - ``throughput``: 1, 4 and 16 concurrent clients sending maps, with and without batching (``--batch-max``);
-- ``curve``: the map round trip with CURVE encryption and authentication on.
+- ``curve``: the map round trip with CURVE encryption and authentication on;
+- ``transport_floor``: the same map and scan messages answered by an echo server that reads nothing
+  (``bench_floor``): ZeroMQ and the memory copies alone, the least any server can take on this machine.
 
 Medians and p99 of ``--repeat`` requests (default 200 maps, 15 scans); writes JSON to
 ``benchmarks/out/serving.json`` with the machine's load average before and after (the machines are shared).
@@ -210,6 +212,9 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
            "scan": {"name": scan_name, "shape": list(frames.shape), "dtype": frames.dtype.str,
                     "bytes": int(frames.nbytes)}}
     out["bare_inference"] = bare_inference(model_path, prepared, threads, repeat_maps)
+    from defectscope.benchmarks.bench_floor import measure as transport_floor
+
+    out["transport_floor"] = transport_floor(volume, frames, repeat_maps, repeat_scans)
 
     server_args = ["--threads", threads] if threads else []
     served = serve(model, server_args)
@@ -282,6 +287,8 @@ def main(argv=None) -> int:
     bare = result["bare_inference"]["p50_ms"]
     result["ratios"] = {"map_e2e_over_bare": round(result["map"]["p50_ms"] / bare, 3),
                         "scan_e2e_over_bare": round(result["scan"]["p50_ms"] / bare, 3),
+                        "map_transport_floor_over_bare": round(result["transport_floor"]["map"]["p50_ms"] / bare, 3),
+                        "scan_transport_floor_over_bare": round(result["transport_floor"]["scan"]["p50_ms"] / bare, 3),
                         "scan_stream_after_last_frame_over_bare": round(result["scan_stream"]["after_last_frame_p50_ms"] / bare, 3),
                         "scan_stream_paced_after_last_frame_over_bare":
                             round(result["scan_stream_paced"]["after_last_frame_p50_ms"] / bare, 3)}
