@@ -253,3 +253,49 @@ def test_resume_without_epochs_keeps_the_saved_cap(tmp_path, dataset, capsys):
     card = json.loads((tmp_path / "run" / "defectscope-3class.card.json").read_text())
     assert card["training"]["epochs_run"] == 1
     assert card["training"]["config"]["epochs"] == 1
+
+
+# -- symmetrised export (training.symmetrise) ----------------------------------------------------------
+def test_tf_symmetry_images_match_the_numpy_ones():
+    from defectscope.training.symmetrise import tf_symmetry_images
+    from defectscope.training.symmetry import symmetry_images
+
+    x = np.random.default_rng(0).random((2, 6, 8, 8)).astype(np.float32)
+    got = np.asarray(tf_symmetry_images(x[..., None]))[..., 0].reshape(8, 2, 6, 8, 8)
+    for b in range(2):
+        assert np.array_equal(got[:, b], symmetry_images(x[b]))
+
+
+def test_symmetrised_export_is_invariant_calibrated_and_served(trained, dataset, tmp_path):
+    from defectscope.training.data import mirror_about_centre
+    from defectscope.training.symmetrise import main as symmetrise_main
+    from defectscope.training.symmetry import symmetry_images
+
+    out = tmp_path / "sym" / "defectscope-3class.onnx"
+    rc = symmetrise_main([str(trained / "defectscope-3class.onnx"), "--data", str(dataset), "--out", str(out),
+                          "--model-version", "9.9", "--parity-maps", "4"])
+    assert rc == 0
+    card = json.loads(export.card_path(out).read_text())
+    sym = card["symmetrised"]
+    assert card["version"] == "9.9" and sym["views"] == 8 and sym["temperature"] > 0
+    assert sym["onnx_keras_parity_max_abs"] <= 1e-5 and sym["parity_maps"] == 4
+    assert card["test_metrics"]["split"] == "test" and card["commands"]["symmetrise"].startswith("python -m")
+    assert (out.with_suffix(".keras")).is_file()
+
+    predictor = Predictor(out, provider="cpu")
+    assert predictor.card["symmetrised"]["temperature"] == sym["temperature"]  # the card is in the graph too
+    x = prepared_maps(dataset, 3)
+    p = predictor.predict(x)
+    # The answer is that of the geometric mean over the 8 images under the base model ...
+    base = Predictor(trained / "defectscope-3class.onnx", provider="cpu")
+    for k in range(3):
+        logp = np.log(np.clip(base.predict(symmetry_images(x[k])), 1e-30, 1)).astype(np.float64)
+        z = logp.mean(axis=0) * get_temperature(load_model(trained / "defectscope-3class.keras")) / sym["temperature"]
+        np.testing.assert_allclose(p[k], calibration.softmax(z), atol=2e-5)
+    # ... and so the same for a map and its mirror image, which the base model need not be.
+    mirrored = np.stack([mirror_about_centre(m, 2) for m in x])
+    np.testing.assert_allclose(predictor.predict(mirrored), p, atol=1e-5)
+
+    assert symmetrise_main([str(out), "--data", str(dataset), "--out", str(tmp_path / "again.onnx"),
+                            "--model-version", "1"]) == 1  # symmetrised already: refused, nothing written
+    assert not (tmp_path / "again.onnx").exists()
