@@ -106,7 +106,7 @@ def test_limits_defaults_cover_the_protocol_dtypes():
     assert set(Limits().allowed_dtypes) == {"<f4", "<f8", "<u2", "<u4", "<i4"}
 
 
-@pytest.mark.parametrize("name", ["sqrt.toml", "finetune_rpd.toml"])
+@pytest.mark.parametrize("name", ["sqrt.toml", "finetune_rpd.toml", "finetune.toml", "paper_width.toml"])
 def test_the_run_configs_in_training_configs_load(name):
     """The run configs the README and cards name are valid: their commands must work as written."""
     from conftest import REPO
@@ -117,3 +117,7 @@ def test_the_run_configs_in_training_configs_load(name):
     PipelineConfig.from_dict({"schema_version": SCHEMA_VERSION, **pipeline})
     if name == "sqrt.toml":
         assert pipeline == {"intensity_transform": "sqrt"}
+    if name == "paper_width.toml":  # the paper's plain reading (training.model ARCHITECTURES["paper-3class"])
+        from defectscope.training.model import ARCHITECTURES, Architecture
+
+        assert Architecture.from_dict(train["architecture"]) == ARCHITECTURES["paper-3class"]
