@@ -45,3 +45,18 @@ def test_scan_prepared_from_a_box_equals_prepared_from_the_whole_grid(predictor,
     assert where["grid_shape"] == list(whole.volume.shape)
     if cls is SmallBoxClassifier:  # the first box of 20 was too small for the margins: re-cut larger
         assert min(where["window_shape"]) > 20 or where["window_shape"] == where["grid_shape"]
+
+
+def test_block_sums_made_at_the_end_place_the_same_box(synthetic_scan):
+    """``accumulate(blocks=False)`` (the whole-grid path skips the per-frame block sums) still lets
+    ``finish_window`` place its box: the sums it then makes from the voxel sums give the same box."""
+    geometry, frames = synthetic_scan
+    o = Orthonormaliser()
+    kept = o.accumulate(frames, geometry)
+    later = o.accumulate(frames, geometry, blocks=False)
+    assert later.block_total is None
+    a, where_a = o.finish_window(kept, 24)
+    b, where_b = o.finish_window(later, 24)
+    np.testing.assert_allclose(later.block_total, kept.block_total, rtol=1e-12, atol=1e-9)
+    assert where_a == where_b
+    np.testing.assert_array_equal(a.volume, b.volume)
