@@ -63,23 +63,22 @@ def tf_symmetry_images(x):
     return tf.concat(images, axis=0)
 
 
-def symmetrised_function(base, temperature: float, shape):
-    """tf.function ``cxdp`` [B, *shape, 1] -> {"probabilities": softmax(mean logits of the 8 images / T)}."""
+def symmetrised_forward(base, temperature: float):
+    """``x`` [B, *shape, 1] -> softmax(mean logits of the 8 images / T) [B, n_classes]; callable like a Keras
+    model (``training`` is accepted and ignored: always inference), so ``export.to_onnx`` converts it."""
     import tensorflow as tf
 
-    from defectscope.model.metadata import INPUT_NAME, OUTPUT_NAME
     from defectscope.training.model import logits_model
 
     logits_of = logits_model(base)
     n_classes = int(logits_of.output.shape[-1])
-    spec = [tf.TensorSpec((None, *shape, 1), tf.float32, name=INPUT_NAME)]
 
-    def fn(x):
+    def forward(x, training=False):
         logits = logits_of(tf_symmetry_images(x), training=False)
         mean = tf.reduce_mean(tf.reshape(logits, [N_SYMMETRIES, -1, n_classes]), axis=0)
-        return {OUTPUT_NAME: tf.nn.softmax(mean / tf.constant(temperature, tf.float32), axis=-1)}
+        return tf.nn.softmax(mean / tf.constant(temperature, tf.float32), axis=-1)
 
-    return tf.function(fn, input_signature=spec), spec
+    return forward
 
 
 def mean_logits(base, prepared: np.ndarray) -> np.ndarray:
@@ -122,7 +121,7 @@ def symmetrise(base_onnx, data_paths, out, *, model_version: str, parity_maps: i
 
     from defectscope.model.predictor import Predictor
     from defectscope.training import calibration
-    from defectscope.training.export import DEFAULT_OPSET, _save_atomic, card_path, save_keras, set_metadata
+    from defectscope.training.export import _save_atomic, card_path, save_keras, set_metadata, to_onnx
     from defectscope.training.model import get_temperature, load_model
 
     base_onnx, out = Path(base_onnx), Path(out)
@@ -148,10 +147,7 @@ def symmetrise(base_onnx, data_paths, out, *, model_version: str, parity_maps: i
         f"{calib['nll_after']}); validation accuracy {calib['validation_accuracy']}")
     del val_maps
 
-    import tf2onnx
-
-    fn, spec = symmetrised_function(base, temperature, pipeline.shape)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=DEFAULT_OPSET)
+    proto = to_onnx(symmetrised_forward(base, temperature), shape=pipeline.shape)
     proto.producer_name = "defectscope.training.symmetrise"
     card = _card(base_card, base_onnx, base_predictor, model_version, temperature, calib, command)
     set_metadata(proto, pipeline, card)
