@@ -128,6 +128,31 @@ def test_cd_positions_lie_within_ten_percent_of_the_lateral_size_and_rpd_inside_
             assert np.all(p >= lo - 2.1) and np.all(p <= hi + 2.1)
 
 
+def test_rpd_radius_fraction_keeps_lines_near_the_centre_and_none_is_the_old_draw():
+    c = crystals.build_crystal("Au", 20, 0.95, (1, -1, 1), 0.7)
+    half_cell_diagonal = 0.5 * np.sqrt(3) * c.element.lattice_a_angstrom
+    for kind in ("screw", "edge"):
+        rng = np.random.default_rng(11)
+        offsets = []
+        for _ in range(200):
+            p = dislocations.draw_position_angstrom(c, kind, "RPD", rng, rpd_radius_fraction=0.25)
+            d = dislocations.make_dislocation(kind, 4.0782, 0.44, p)
+            offsets.append(dislocations.perpendicular_offset_angstrom(c.centre_angstrom, d))
+        offsets = np.array(offsets) / c.lateral_size_angstrom
+        assert offsets.max() <= 0.25 + half_cell_diagonal / c.lateral_size_angstrom
+        # Uniform in the volume of the cylinder: most lines sit in its outer half, not piled at the centre.
+        assert 0.5 < np.mean(offsets > 0.125) < 0.9
+        # Without the option, the draw is the original one: a random atom plus a jitter, same generator calls.
+        a, b = np.random.default_rng(5), np.random.default_rng(5)
+        p = dislocations.draw_position_angstrom(c, kind, "RPD", a)
+        expected = c.positions_angstrom[b.integers(c.n_atoms)] + (b.random(3) - 0.5) * c.element.lattice_a_angstrom
+        assert np.array_equal(p, expected)
+    anywhere = [dislocations.perpendicular_offset_angstrom(
+        c.centre_angstrom, dislocations.make_dislocation("screw", 4.0782, 0.44, dislocations.draw_position_angstrom(
+            c, "screw", "RPD", np.random.default_rng(i)))) for i in range(200)]
+    assert np.max(anywhere) / c.lateral_size_angstrom > 0.35  # the bound above is not vacuous
+
+
 def test_canonical_frame_is_right_handed_with_axis_0_along_g():
     for hkl in [(1, -1, 1), (0, 0, 2), (2, -2, 0), (-1, -1, 1)]:
         for angle in (0.0, 1.0, 4.0):

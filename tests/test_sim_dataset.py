@@ -54,6 +54,18 @@ def test_config_round_trips_and_refuses_unknown_or_bad_options(tmp_path):
         load_config(js)
 
 
+def test_rpd_radius_fraction_is_null_by_default_round_trips_and_refuses_bad_values():
+    # Datasets written before the option existed carry no key and must read back as "anywhere".
+    assert SimulationConfig.from_dict({"cd_fraction": 0.75}).rpd_radius_fraction is None
+    cfg = SimulationConfig(rpd_radius_fraction=0.25)
+    assert SimulationConfig.from_json(cfg.to_json()) == cfg
+    assert '"rpd_radius_fraction": null' in SimulationConfig().to_json()
+    for bad in (0.0, -0.1, 1.5, True, "0.25"):
+        with pytest.raises(BadMessage, match="rpd_radius_fraction"):
+            SimulationConfig(rpd_radius_fraction=bad)
+    assert load_config("training/configs/paper_mix_fig15.json").rpd_radius_fraction == 0.25
+
+
 # -- sampling and noise ----------------------------------------------------------------------------------
 def test_counting_noise_gaps_and_orientation_draws():
     from defectscope.training import sampling

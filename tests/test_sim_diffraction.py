@@ -82,6 +82,15 @@ def test_peak_maxima_of_centred_dislocations_quick(kind):
     assert all(0.1 < r["ratio"] < 0.9 for r in rows)
 
 
+@pytest.mark.parametrize("kind", ["screw", "edge"])
+def test_rpd_lines_within_a_quarter_of_the_lateral_size_give_the_papers_random_position_peak_maxima_quick(kind):
+    """rpd_radius_fraction = 0.25 (training/configs/paper_mix_fig15.json) against supplement Fig. 15's RPD
+    figures, 12 Au small configurations; the lines drawn anywhere sit well above them (README, Physics checks)."""
+    s = summarise(peak_maximum_ratios(kind, "RPD", 12, seed=0, rpd_radius_fraction=0.25))
+    paper_mean, paper_std = PAPER_PEAK_MAXIMA_PERCENT[(kind, "RPD")]
+    assert abs(s["mean_percent"] - paper_mean) <= paper_std, s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["screw", "edge"])
 def test_peak_maxima_of_centred_dislocations_match_the_paper(kind):

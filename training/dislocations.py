@@ -107,12 +107,14 @@ def perpendicular_offset_angstrom(point_angstrom, d: Dislocation) -> float:
 
 
 def draw_position_angstrom(crystal: Crystal, kind: str, mode: str, rng: np.random.Generator,
-                           cd_radius_fraction: float = 0.10) -> np.ndarray:
+                           cd_radius_fraction: float = 0.10, rpd_radius_fraction: float | None = None) -> np.ndarray:
     """A point the dislocation line passes through.
 
     CD: uniform in the disc ⊥ t of radius ``cd_radius_fraction`` × lateral size around the centroid
     (moving the point along t changes nothing). RPD: uniform in the particle's volume — a random atom
-    plus a jitter of up to half a cell, so the line does not run through an atomic column.
+    plus a jitter of up to half a cell, so the line does not run through an atomic column. With
+    ``rpd_radius_fraction`` r, the atom is drawn among those within r × lateral size of the line through
+    the centroid along t, so the line lies (up to the jitter) within that distance of the centre.
     """
     if mode == "CD":
         t = LINE_DIRECTIONS[kind] / np.linalg.norm(LINE_DIRECTIONS[kind])
@@ -122,7 +124,16 @@ def draw_position_angstrom(crystal: Crystal, kind: str, mode: str, rng: np.rando
         phi = TWO_PI * rng.random()
         return crystal.centre_angstrom + radius * (np.cos(phi) * e1 + np.sin(phi) * e2)
     if mode == "RPD":
-        atom = crystal.positions_angstrom[rng.integers(crystal.n_atoms)]
+        candidates = crystal.positions_angstrom
+        if rpd_radius_fraction is not None:
+            t = LINE_DIRECTIONS[kind] / np.linalg.norm(LINE_DIRECTIONS[kind])
+            rel = candidates - crystal.centre_angstrom
+            perp = rel - np.outer(rel @ t, t)
+            inside = np.einsum("ij,ij->i", perp, perp) <= (rpd_radius_fraction * crystal.lateral_size_angstrom) ** 2
+            candidates = candidates[inside]
+            if not len(candidates):  # cannot happen for r > 0 with the centroid inside the particle
+                raise BadMessage(f"no atom within rpd_radius_fraction={rpd_radius_fraction} of the centre")
+        atom = candidates[rng.integers(len(candidates))]
         jitter = (rng.random(3) - 0.5) * crystal.element.lattice_a_angstrom
         return atom + jitter
     raise BadMessage(f"dislocation position mode must be one of {POSITION_MODES}, got {mode!r}")

@@ -35,6 +35,10 @@ class SimulationConfig:
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # defect_free, screw, edge
     cd_fraction: float = 0.75  # CD vs RPD; the paper's best experimental model used 75 % CD / 25 % RPD
     cd_radius_fraction: float = 0.10  # CD: line within this fraction of the lateral size from the centre
+    # RPD: None = anywhere in the particle (uniform in its volume); a number r = uniform in the part of the
+    # volume whose distance to the line through the centroid along t is at most r × the lateral size.
+    # 0.25 reproduces the paper's random-position peak maxima (supplement Fig. 15; README, "Physics checks").
+    rpd_radius_fraction: float | None = None
     # Reflection: a {111} reflection with g·b ≠ 0; this fraction of defective configurations is simulated
     # at a g·b = 0 reflection instead, and flagged `invisible`.
     invisible_fraction: float = 0.0
@@ -81,6 +85,11 @@ class SimulationConfig:
         for name in ("cd_fraction", "invisible_fraction", "gap_probability"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1]")
         _check(0.0 <= self.cd_radius_fraction <= 0.5, "cd_radius_fraction must lie in [0, 0.5]")
+        if self.rpd_radius_fraction is not None:
+            r = self.rpd_radius_fraction
+            _check(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r <= 1.0,
+                   f"rpd_radius_fraction must be null (anywhere) or lie in (0, 1], got {r!r}")
+            object.__setattr__(self, "rpd_radius_fraction", float(r))
         _check(len(self.shape) == 3 and all(int(n) >= 8 and int(n) % 2 == 0 for n in self.shape),
                "shape must be three even sizes >= 8")
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))

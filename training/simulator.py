@@ -120,7 +120,8 @@ def build_configuration(cfg: SimulationConfig, seed: int, plan: ConfigurationPla
     dislocation = None
     if plan.label != 0:
         position = dislocations.draw_position_angstrom(crystal, plan.kind, plan.position_mode,
-                                                       rng_for(seed, STREAM_POSITION, plan.index), cfg.cd_radius_fraction)
+                                                       rng_for(seed, STREAM_POSITION, plan.index), cfg.cd_radius_fraction,
+                                                       cfg.rpd_radius_fraction)
         dislocation = dislocations.make_dislocation(plan.kind, crystal.element.lattice_a_angstrom,
                                                     crystal.element.poisson_ratio, position)
     u = dislocations.displacement_angstrom(crystal.positions_angstrom, dislocation)
