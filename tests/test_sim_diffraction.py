@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,19 @@ def test_invisibility_on_large_crystals_at_every_g_dot_b_zero_reflection():
         for hkl in [(1, 1, 1), (1, 1, -1), (-1, -1, 1), (-1, -1, -1)]:
             assert invisibility_r(c, d, hkl, oversampling=3.0) <= 0.03, (normal, hkl)
         assert invisibility_r(c, d, (1, -1, 1), oversampling=3.0) > 0.5
+
+
+def test_validation_cli_reports_rpd_radius_groups_and_can_skip_the_geometry_checks(tmp_path):
+    from defectscope.training import validation
+
+    out = tmp_path / "v.json"
+    with pytest.raises(SystemExit):  # one configuration has no spread
+        validation.main(["--only-peak-maxima", "--n", "1"])
+    assert validation.main(["--only-peak-maxima", "--n", "2", "--rpd-radius-fraction", "0.25", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "invisibility" not in report and "nufft_vs_direct_relative_l2" not in report
+    groups = report["peak_maxima"]["groups"]
+    assert [(g["kind"], g["mode"], g["rpd_radius_fraction"]) for g in groups] == [
+        ("screw", "CD", None), ("edge", "CD", None), ("screw", "RPD", None), ("edge", "RPD", None),
+        ("screw", "RPD", 0.25), ("edge", "RPD", 0.25)]
+    assert all(g["n"] == 2 and 0.0 < g["mean_percent"] < 100.0 for g in groups)

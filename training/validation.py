@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only-peak-maxima", action="store_true", help="skip the NUFFT, invisibility and ring checks")
     parser.add_argument("--out", help="JSON file for the figures")
     args = parser.parse_args(argv)
+    if args.n < 2:
+        parser.error(f"--n must be at least 2 (the figures are a mean and a spread), got {args.n}")
     report: dict = {"simulator_version": simulator.SIMULATOR_VERSION, "seed": args.seed}
 
     if not args.only_peak_maxima:
