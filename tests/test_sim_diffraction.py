@@ -129,6 +129,8 @@ def test_validation_cli_reports_rpd_radius_groups_and_can_skip_the_geometry_chec
     out = tmp_path / "v.json"
     with pytest.raises(SystemExit):  # one configuration has no spread
         validation.main(["--only-peak-maxima", "--n", "1"])
+    with pytest.raises(SystemExit):  # refused before any simulation, not after the anywhere groups
+        validation.main(["--only-peak-maxima", "--n", "50", "--rpd-radius-fraction", "1.5"])
     assert validation.main(["--only-peak-maxima", "--n", "2", "--rpd-radius-fraction", "0.25", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert "invisibility" not in report and "nufft_vs_direct_relative_l2" not in report

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.errors import BadMessage
 from defectscope.training import crystals, dislocations, sampling, simulator
 from defectscope.training.conventions import canonical_axes, reciprocal_vector_inv_angstrom_cryst
 from defectscope.training.diffraction import NufftAmplitude, ReciprocalGrid, intensity, scattering_atoms
@@ -148,6 +149,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n must be at least 2 (the figures are a mean and a spread), got {args.n}")
+    for r in args.rpd_radius_fraction:
+        try:
+            SimulationConfig(rpd_radius_fraction=r)
+        except BadMessage as exc:
+            parser.error(str(exc))
     report: dict = {"simulator_version": simulator.SIMULATOR_VERSION, "seed": args.seed}
 
     if not args.only_peak_maxima:
