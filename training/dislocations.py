@@ -106,6 +106,13 @@ def perpendicular_offset_angstrom(point_angstrom, d: Dislocation) -> float:
     return float(np.linalg.norm(rel - (rel @ d.line_direction) * d.line_direction))
 
 
+def _perpendicular_axes(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors that make a right-handed frame with the line direction of ``kind``."""
+    t = LINE_DIRECTIONS[kind] / np.linalg.norm(LINE_DIRECTIONS[kind])
+    e1 = reference_perpendicular(t)
+    return e1, np.cross(t, e1)
+
+
 def draw_position_angstrom(crystal: Crystal, kind: str, mode: str, rng: np.random.Generator,
                            cd_radius_fraction: float = 0.10, rpd_radius_fraction: float | None = None) -> np.ndarray:
     """A point the dislocation line passes through.
@@ -117,20 +124,15 @@ def draw_position_angstrom(crystal: Crystal, kind: str, mode: str, rng: np.rando
     the centroid along t, so the line lies (up to the jitter) within that distance of the centre.
     """
     if mode == "CD":
-        t = LINE_DIRECTIONS[kind] / np.linalg.norm(LINE_DIRECTIONS[kind])
-        e1 = reference_perpendicular(t)
-        e2 = np.cross(t, e1)
+        e1, e2 = _perpendicular_axes(kind)
         radius = cd_radius_fraction * crystal.lateral_size_angstrom * np.sqrt(rng.random())
         phi = TWO_PI * rng.random()
         return crystal.centre_angstrom + radius * (np.cos(phi) * e1 + np.sin(phi) * e2)
     if mode == "RPD":
         candidates = crystal.positions_angstrom
         if rpd_radius_fraction is not None:
-            t = LINE_DIRECTIONS[kind] / np.linalg.norm(LINE_DIRECTIONS[kind])
-            rel = candidates - crystal.centre_angstrom
-            perp = rel - np.outer(rel @ t, t)
-            inside = np.einsum("ij,ij->i", perp, perp) <= (rpd_radius_fraction * crystal.lateral_size_angstrom) ** 2
-            candidates = candidates[inside]
+            x, y = _local_coordinates(candidates, crystal.centre_angstrom, *_perpendicular_axes(kind))
+            candidates = candidates[x * x + y * y <= (rpd_radius_fraction * crystal.lateral_size_angstrom) ** 2]
             if not len(candidates):  # cannot happen for r > 0 with the centroid inside the particle
                 raise BadMessage(f"no atom within rpd_radius_fraction={rpd_radius_fraction} of the centre")
         atom = candidates[rng.integers(len(candidates))]
