@@ -14,6 +14,12 @@ Retrying is safe: a server with a results log answers a ``request_id`` it alread
 input) with the recorded reply, marked ``"replayed": true``, even after it was killed and restarted; pass
 your own ``request_id`` (e.g. the scan name) to retry across a client restart too.
 
+Every call returns or raises within its time limit, whatever the peer does: a send waits for room (a peer
+to send to, space in the send queue) at most until the attempt's deadline, so a refused CURVE handshake, a
+server that is down, one that accepts and never answers, or a full send queue all end in ``TimeoutError``
+after ``(retries + 1) * timeout_s`` at most. An attempt whose send could not complete leaves its socket
+(which may still hold the unsent message) and the next attempt starts on a fresh one.
+
 ``reload(token, model=None)`` asks a server started with ``--reload-token-file`` to load another model
 (or re-read its configured one); it is sent once (never retried) and may wait for a long load.
 """
@@ -86,12 +92,35 @@ class Client:
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
-            self._socket.send_multipart(frames, copy=False)
-            reply, extra = self._receive(rid, timeout_ms / 1000, raise_on_error)
+            deadline = time.monotonic() + timeout_ms / 1000
+            if not self._send(frames, deadline):
+                self._reconnect()  # nothing took the request: start the next attempt on a fresh socket
+                continue
+            reply, extra = self._receive(rid, deadline - time.monotonic(), raise_on_error)
             if reply is not None:
                 return reply, extra
         raise TimeoutError(f"no reply from {self.endpoint} to request {rid} after {retries + 1} attempts "
                            f"of {timeout_ms / 1000:g} s")
+
+    def _send(self, frames, deadline: float) -> bool:
+        """Send one message if the socket takes it before ``deadline``; False if it does not.
+
+        A DEALER's blocking send waits for as long as it has no peer (none connected yet, a CURVE handshake
+        refused) or its send queue is full: never block, wait for room with a poll bounded by the deadline.
+        The parts of a message go together: once the first is queued, ZeroMQ queues the rest."""
+        while True:
+            left = int(1000 * (deadline - time.monotonic()))
+            if left <= 0 or not self._socket.poll(left, zmq.POLLOUT):
+                return False
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:  # the room seen by poll was taken or lost: wait again
+                continue
+
+    def _reconnect(self) -> None:
+        self.close()
+        self._connect()
 
     # -- conveniences -----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -177,7 +206,7 @@ class Client:
             parts.append(memoryview(m).cast("B"))
         header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid, "input": spec,
                   "options": {"return_prepared": return_prepared}}
-        self._socket.send_multipart([b"", json.dumps(header).encode("utf-8"), *parts], copy=False)
+        self._send_or_raise([b"", json.dumps(header).encode("utf-8"), *parts], rid)
         wire_dtype = np.dtype(spec["dtype"])
         frame = first
         for index in range(n_frames):
@@ -187,8 +216,7 @@ class Client:
             head = {"protocol": PROTOCOL, "op": "frame", "request_id": rid, "index": index}
             if index == n_frames - 1:
                 head["last"] = True
-            self._socket.send_multipart([b"", json.dumps(head).encode("utf-8"), memoryview(frame).cast("B")],
-                                        copy=False)
+            self._send_or_raise([b"", json.dumps(head).encode("utf-8"), memoryview(frame).cast("B")], rid)
             if self._socket.poll(0, zmq.POLLIN):  # an early error: the stream is over
                 reply, extra = self._receive(rid, self.timeout_s, raise_on_error)
                 if reply is not None and not reply.get("ok", False):
@@ -197,6 +225,12 @@ class Client:
         if reply is None:
             raise TimeoutError(f"no reply from {self.endpoint} to stream {rid} within {self.timeout_s:g} s")
         return _attach_prepared(reply, extra)
+
+    def _send_or_raise(self, frames, rid: str) -> None:
+        """One message of a stream, sent within ``timeout_s``; otherwise the stream is abandoned."""
+        if not self._send(frames, time.monotonic() + self.timeout_s):
+            self._reconnect()
+            raise TimeoutError(f"{self.endpoint} took no message of stream {rid} within {self.timeout_s:g} s")
 
     def _receive(self, rid: str, timeout_s: float, raise_on_error: bool):
         """The reply to ``rid`` (late replies to other ids skipped), or (None, []) at the timeout."""
