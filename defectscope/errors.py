@@ -7,6 +7,9 @@ inherits the built-in exception it refines, so ``except ValueError`` keeps worki
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 REASONS = (
     "BAD_MESSAGE",
     "UNSUPPORTED_PROTOCOL",
@@ -91,7 +94,28 @@ class Unauthorized(DefectscopeError, PermissionError):
 
 
 class Internal(DefectscopeError, RuntimeError):
+    """Something went wrong on the server's side. Made from an unexpected exception by ``incident``, it
+    carries an ``incident`` id that names the log entry holding the detail."""
+
     reason = "INTERNAL"
+
+    def __init__(self, message: str, incident: str | None = None):
+        super().__init__(message)
+        self.incident = incident
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), **({"incident": self.incident} if self.incident else {})}
+
+
+def incident(exc: BaseException, doing: str, logger: logging.Logger | None = None) -> Internal:
+    """The ``INTERNAL`` error a client is told of an unexpected exception: the detail (type, message,
+    traceback) goes to the server log under a new incident id; the client gets the reason, a plain message
+    and that id, never the exception's text (paths, library internals)."""
+    incident_id = uuid.uuid4().hex[:12]
+    (logger or logging.getLogger("defectscope")).error(
+        "incident %s: %s failed: %s: %s", incident_id, doing, type(exc).__name__, exc, exc_info=exc)
+    return Internal(f"internal error while {doing}; the server log holds the details under incident {incident_id}",
+                    incident=incident_id)
 
 
 BY_REASON = {cls.reason: cls for cls in DefectscopeError.__subclasses__()}

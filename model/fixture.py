@@ -27,8 +27,11 @@ def build_fixture_model(
     pipeline: PipelineConfig | None = None,
     pool: int = 4,
     metadata: bool = True,
+    single_map_only: bool = False,
 ) -> Path:
-    """Write a fixture model to ``path`` and return the path."""
+    """Write a fixture model to ``path`` and return the path. ``single_map_only``: the graph flattens to one
+    row whatever the batch, so ONNX Runtime fails on a batch of two or more maps (a genuine run-time error
+    from inside the runtime, for the tests of unexpected failures)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,7 +46,8 @@ def build_fixture_model(
         # [B, n0, n1, n2, 1] -> [B, 1, n0, n1, n2]: channels-last as Keras exports, pooled as NCDHW.
         helper.make_node("Transpose", [INPUT_NAME], ["x_ncdhw"], perm=[0, 4, 1, 2, 3]),
         helper.make_node("AveragePool", ["x_ncdhw"], ["pooled"], kernel_shape=[pool] * 3, strides=[pool] * 3),
-        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Reshape", ["pooled", "one_row"], ["flat"]) if single_map_only
+        else helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         # Scale so that a max-normalised map gives logits of order one.
         helper.make_node("Mul", ["flat", "gain"], ["scaled"]),
         helper.make_node("Gemm", ["scaled", "W", "b"], ["logits"]),
@@ -58,6 +62,7 @@ def build_fixture_model(
             numpy_helper.from_array(weights, "W"),
             numpy_helper.from_array(bias, "b"),
             numpy_helper.from_array(np.array(0.05, dtype=np.float32), "gain"),
+            *([numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "one_row")] if single_map_only else []),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="defectscope.fixture")

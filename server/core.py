@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscope import PROTOCOL, __version__
-from defectscope.errors import BadMessage, DefectscopeError, Internal, PathNotAllowed, ShapeMismatch
+from defectscope.errors import BadMessage, DefectscopeError, Internal, PathNotAllowed, ShapeMismatch, incident
 from defectscope.model.predictor import Predictor
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.frames import CANONICAL_AXES
@@ -226,8 +226,7 @@ class Classifier:
         except DefectscopeError:
             raise
         except Exception as exc:
-            log.exception("stream %s failed to start", request.request_id)
-            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise incident(exc, f"opening stream {request.request_id}", log) from None
         return ScanStream(request=request, state=state, frame_shape=(rows, cols),
                           dtype=np.dtype(DTYPE_ALIASES[request.spec["dtype"]]))
 
@@ -238,8 +237,7 @@ class Classifier:
         except DefectscopeError:
             raise
         except Exception as exc:
-            log.exception("stream %s failed on frame %s", stream.request.request_id, index)
-            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise incident(exc, f"gridding frame {index} of stream {stream.request.request_id}", log) from None
         stream.gridding_ms += (time.perf_counter() - t0) * 1e3
         stream.decode_ms += decode_ms
 
@@ -334,8 +332,7 @@ class Classifier:
         except MemoryError:
             raise Internal("out of memory while classifying") from None
         except Exception as exc:
-            log.exception("request %s failed", request.request_id)
-            raise Internal(f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise incident(exc, f"classifying request {request.request_id}", log) from None
 
     def _stage(self, request: Request, volumes, decode_ms: float, prior_ms: float = 0.0) -> "_Staged":
         t0 = time.perf_counter()

@@ -44,7 +44,7 @@ from pathlib import Path
 import zmq
 
 from defectscope import PROTOCOL
-from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, ModelUnavailable, Unauthorized
+from defectscope.errors import BadMessage, Busy, DefectscopeError, ModelUnavailable, Unauthorized, incident
 from defectscope.server import protocol
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,7 @@ class Reloader:
             try:
                 reply = self.reload(rid, model)
             except Exception as exc:  # a bug must still give the one reply
-                log.exception("reload %s failed", rid)
-                reply = protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300]))
+                reply = protocol.error_reply(rid, incident(exc, f"reload {rid}", log))
             push = self.server._ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             try:
@@ -169,8 +168,8 @@ class Reloader:
                 reason = exc.message
             elif isinstance(exc, DefectscopeError):
                 reason = f"{exc.reason}: {exc.message}"  # e.g. the warm-up of its pipeline failed
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
+            else:  # not a refusal we made: the detail stays in the log
+                reason = incident(exc, f"loading model {wanted!r} for reload {rid}", log).message
             reason = reason[:400]
             old.stats.record_reload(False, model=wanted, error=reason)
             log.error("reload %s refused, model %s %s (sha256 %.12s) keeps serving: %s", rid, before["name"],

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, ShapeMismatch
+from defectscope.errors import BadMessage, Busy, DefectscopeError, ShapeMismatch, incident
 from defectscope.server import protocol
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ class StreamGridder:
         except Exception as exc:
             scans.pop(stream.key, None)
             if not isinstance(exc, DefectscopeError):
-                log.exception("stream %s failed", stream.key[1])
-                exc = Internal(f"{type(exc).__name__}: {exc}"[:300])
+                exc = incident(exc, f"stream {stream.key[1]}", log)
             if self.registry.close(stream.key) is not None:
                 classifier.stats.record(False, reason=exc.reason)
                 reply = self.server._logged(protocol.error_reply(stream.key[1], exc), stream.request)

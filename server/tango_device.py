@@ -41,7 +41,7 @@ from tango import DevState
 from tango.server import Device, attribute, command, device_property
 
 from defectscope import PROTOCOL
-from defectscope.errors import BadGeometry, BadMessage, Busy, DefectscopeError, Internal, ModelUnavailable, ShapeMismatch
+from defectscope.errors import BadGeometry, BadMessage, Busy, DefectscopeError, ModelUnavailable, ShapeMismatch, incident
 from defectscope.preprocessing.config import Limits
 from defectscope.server import protocol
 from defectscope.server.core import Classifier, Stats
@@ -196,7 +196,7 @@ class DefectClassifier(Device):
             try:
                 outcome["classifier"] = self._build_classifier(config)
             except Exception as exc:
-                outcome["error"] = exc if isinstance(exc, DefectscopeError) else Internal(f"{type(exc).__name__}: {exc}")
+                outcome["error"] = exc if isinstance(exc, DefectscopeError) else incident(exc, "loading the model", log)
             try:
                 if generation == self._generation:
                     self._loaded(outcome, reload)
@@ -298,8 +298,7 @@ class DefectClassifier(Device):
     def _refuse(self, name: str, exc: Exception, request, classifier) -> None:
         """Count and log a refusal, then raise it as DevFailed with the protocol reason (SPEC §4)."""
         if not isinstance(exc, DefectscopeError):  # a bug fails this request, never the device
-            log.exception("%s failed", name)
-            exc = Internal(f"{type(exc).__name__}: {exc}"[:300])
+            exc = incident(exc, name, log)
         self._stats.record(False, reason=exc.reason)
         self._log(protocol.error_reply(request.request_id if request else None, exc), request, classifier)
         self._refresh_state()

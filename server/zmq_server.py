@@ -29,7 +29,7 @@ import uuid
 import zmq
 
 from defectscope import PROTOCOL
-from defectscope.errors import BadMessage, Busy, DefectscopeError, Internal, Unauthorized
+from defectscope.errors import BadMessage, Busy, DefectscopeError, Unauthorized, incident
 from defectscope.server import protocol
 from defectscope.server.core import Classifier
 from defectscope.server.reload import Reloader
@@ -267,10 +267,8 @@ class Server:
             self.classifier.stats.record(False, reason=exc.reason)
             self._send(router, envelope, self._logged(protocol.error_reply(rid, exc)))
         except Exception as exc:  # never let a request take the loop down
-            log.exception("unexpected error parsing a request")
             self.classifier.stats.record(False, reason="INTERNAL")
-            self._send(router, envelope,
-                       self._logged(protocol.error_reply(rid, Internal(f"{type(exc).__name__}: {exc}"[:300]))))
+            self._send(router, envelope, self._logged(protocol.error_reply(rid, incident(exc, "reading a request", log))))
 
     def _replay(self, router, envelope, request) -> bool:
         """Send the recorded reply if this request id was answered ok before for the same input."""
@@ -354,9 +352,9 @@ class Server:
             stats.record(False, reason=exc.reason)
             body = [protocol.encode(self._logged(protocol.error_reply(request.request_id, exc), request))]
         except Exception as exc:  # e.g. a non-JSON-able value: still one reply
-            log.exception("request %s failed while encoding", request.request_id)
             stats.record(False, reason="INTERNAL")
-            error = protocol.error_reply(request.request_id, Internal(f"{type(exc).__name__}: {exc}"[:300]))
+            error = protocol.error_reply(request.request_id,
+                                         incident(exc, f"encoding the reply to request {request.request_id}", log))
             body = [protocol.encode(self._logged(error, request))]
         return [*envelope, *body]
 
