@@ -158,15 +158,19 @@ class Classifier:
     """Prepare and predict for validated requests; every failure becomes a protocol reason."""
 
     def __init__(self, predictor: Predictor, *, limits: Limits | None = None, data_root: str | Path | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, orthonormaliser: Orthonormaliser | None = None):
         """``overlap``: run a single map's oversampling estimate beside its centring and inference
-        (``_overlapped``; same answer, lower latency on a machine with a free core)."""
+        (``_overlapped``; same answer, lower latency on a machine with a free core). ``orthonormaliser``:
+        one to share (a reload hands the old classifier's over, with its cache of geometry mappings); it
+        must apply the same ``limits``. By default a new one under ``limits``."""
         self.predictor = predictor
         self.overlap = overlap
         self.limits = limits or Limits()
         self.data_root = Path(data_root).resolve() if data_root else None
         self.stats = Stats()
-        self.orthonormaliser = Orthonormaliser()
+        if orthonormaliser is not None and orthonormaliser.limits != self.limits:
+            raise ValueError("the orthonormaliser applies other limits than the classifier")
+        self.orthonormaliser = orthonormaliser or Orthonormaliser(limits=self.limits)
         self.warmup_ms = self._warm_up()
 
     def _warm_up(self) -> float:

@@ -151,7 +151,9 @@ class Reloader:
 
         path = resolve_model(model or self.configured_model)
         predictor = Predictor(path, **getattr(old.predictor, "load_options", {"provider": old.predictor.requested_provider}))
-        new = Classifier(predictor, limits=old.limits, data_root=old.data_root, overlap=old.overlap)  # warms up
+        # Warms up; keeps the geometry mappings already built (a scan after a reload is not a cold start).
+        new = Classifier(predictor, limits=old.limits, data_root=old.data_root, overlap=old.overlap,
+                         orthonormaliser=old.orthonormaliser)
         new.stats = old.stats  # counters and latencies cover the whole run
         return new
 

@@ -43,6 +43,7 @@ from tango.server import Device, attribute, command, device_property
 from defectscope import PROTOCOL
 from defectscope.errors import BadGeometry, BadMessage, Busy, DefectscopeError, ModelUnavailable, ShapeMismatch, incident
 from defectscope.preprocessing.config import Limits
+from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.server import protocol
 from defectscope.server.core import Classifier, Stats
 from defectscope.server.results import ResultsLog, describe_source
@@ -119,6 +120,7 @@ class DefectClassifier(Device):
         self._stats = Stats()
         self._last = LastResult()
         self._limits = Limits()
+        self._orthonormaliser = Orthonormaliser(limits=self._limits)
         try:
             super().init_device()  # reads the properties
             for name in ("ModelPath", "Provider", "DataRoot", "ResultsFile", "GeometryPreset"):
@@ -180,7 +182,8 @@ class DefectClassifier(Device):
             raise ModelUnavailable(f"Provider property {config['Provider']!r} is not one of {', '.join(PROVIDERS)}")
         path = resolve_model(config["ModelPath"] or None)
         predictor = Predictor(path, provider=provider, on_missing_cuda="degrade")
-        classifier = Classifier(predictor, limits=self._limits, data_root=config["DataRoot"] or None)
+        classifier = Classifier(predictor, limits=self._limits, data_root=config["DataRoot"] or None,
+                                orthonormaliser=self._orthonormaliser)  # its mapping cache outlives a Reload
         classifier.stats = self._stats  # counters survive a Reload
         _warm_up(classifier)
         return classifier
