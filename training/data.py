@@ -4,8 +4,8 @@ Every map is prepared by ``preprocessing.pipeline.prepare`` with the ``PipelineC
 written into the exported ONNX file, so the network trains on exactly what the server will feed it.
 Maps are read one at a time from HDF5 (never the whole file in memory); preparing costs ~7 ms per map
 (plus ~2 ms to read and decompress it), so by default each split is prepared once into a float32
-``.npy`` memory map (``PreparedCache``, 1 MiB per map, keyed by the file and the config) and streamed
-from there in later epochs.
+``.npy`` memory map (``PreparedCache``, 1 MiB per map, keyed by the file, the config and the code that
+prepares, ``preparation_code``) and streamed from there in later epochs.
 
 Two file layouts are read (``open_map_file`` tells them apart):
 
@@ -33,24 +33,28 @@ Labels are mapped onto the model's classes by name; a 2-class model collapses sc
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import defectscope.preprocessing
 import numpy as np
-from defectscope.preprocessing.config import PipelineConfig
+from defectscope.preprocessing.config import SCHEMA_VERSION, PipelineConfig
 from defectscope.preprocessing.pipeline import prepare
 
+from defectscope import __version__
 from defectscope.errors import BadMessage, DefectscopeError
 
 SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 LABELLED_DATA_KEYS = ("maps", "counts")
 DEFECTIVE = "defective"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the key holds the preparation code (preparation_code)
 
 
 def label_map(file_classes, model_classes) -> np.ndarray:
@@ -288,17 +292,48 @@ def select(files: list[MapFile], split: str, model_classes) -> Examples:
     return Examples(sources, labels, len(model_classes))
 
 
+def source_sha256(directory) -> str:
+    """sha256 over the relative names and bytes of the ``.py`` files under ``directory``, in sorted order."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*.py")):
+        body = path.read_bytes()
+        h.update(f"{path.relative_to(directory).as_posix()}\0{len(body)}\0".encode())
+        h.update(body)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def preparation_code() -> dict:
+    """The code that turns a stored map into a prepared one, as a cache key.
+
+    The package version alone is not enough: it stays the same across the commits of a development
+    tree. Neither is the pipeline schema version: it moves only when config fields change, not when
+    the steps behind them do. So the key holds a sha256 of the preprocessing package's sources and of
+    the reader (``MapFile``), plus the numpy and scipy versions whose filters and interpolation shape
+    the maps. Any edit there, even one that changes no output, rebuilds the cache (~7 ms per map):
+    the price of never training on maps prepared by other code.
+    """
+    import scipy
+
+    reader = hashlib.sha256(inspect.getsource(MapFile).encode()).hexdigest()
+    return {"defectscope": __version__, "pipeline_schema": SCHEMA_VERSION,
+            "preprocessing_sha256": source_sha256(Path(defectscope.preprocessing.__file__).parent),
+            "reader_sha256": reader, "numpy": np.__version__, "scipy": scipy.__version__}
+
+
 class PreparedCache:
     """The prepared maps of one ``Examples`` set in a float32 ``.npy`` memory map, plus a validity flag.
 
-    Keyed by the files' identity, the indices and the pipeline config; a stale or partial cache is rebuilt.
-    Maps that ``prepare`` refuses (e.g. LOW_SIGNAL) are flagged invalid and never trained on.
+    Keyed by the files' identity, the indices, the whole pipeline config and the preparation code
+    (``preparation_code``); a stale or partial cache is rebuilt. Maps that ``prepare`` refuses
+    (e.g. LOW_SIGNAL) are flagged invalid and never trained on.
     """
 
     def __init__(self, directory, name: str, examples: Examples, config: PipelineConfig):
         self.directory = Path(directory)
         self.examples, self.config = examples, config
-        key = {"version": CACHE_FORMAT_VERSION, "pipeline": config.to_dict(),
+        key = {"version": CACHE_FORMAT_VERSION, "pipeline": config.to_dict(), "code": preparation_code(),
                "sources": [{**mf.identity(), "indices_sha256": hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()}
                            for mf, idx in examples.sources]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

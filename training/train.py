@@ -15,7 +15,9 @@
    scores the test split through the serving path (``training.evaluate``) into the card.
 
 Fine-tuning (``init=MODEL.keras``) starts from a trained model's weights, by default at a tenth of the
-learning rates; add labelled measured maps as another data file (``training.data`` layout 2).
+learning rates, and prepares maps with the pipeline config of the ``MODEL.onnx`` beside it (refused when
+that file is missing and no pipeline is given); add labelled measured maps as another data file
+(``training.data`` layout 2).
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ class Run:
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
         self.classes = CLASS_SETS[config.classes]
         self.state = LoopState()
+        self._checked = False
+        self._stale: list[Path] = []
 
     # ------------------------------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -249,22 +253,25 @@ class Run:
         elif state_path.is_file():
             if not self.force:
                 raise BadMessage(f"{str(self.out)!r} holds a run's checkpoints: --resume to continue it, --force to start over")
-            for stale in [*self.ckpt.glob("epoch-*.keras"), *self.ckpt.glob("best-*.weights.h5"), state_path]:
-                stale.unlink()
+            # Deleted by execute(), once every input has been checked.
+            self._stale = [*self.ckpt.glob("epoch-*.keras"), *self.ckpt.glob("best-*.weights.h5"), state_path]
 
     def _resolve_pipeline(self) -> PipelineConfig:
         if self.pipeline is not None:
             return self.pipeline
-        if self.init is not None:  # fine-tuning keeps the preparation the model was trained with
-            sibling = self.init.with_suffix(".onnx")
-            if sibling.is_file():
-                import onnx
-                from defectscope.model.metadata import parse_metadata
-
-                proto = onnx.load(str(sibling), load_external_data=False)
-                return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(sibling)).pipeline
-            self.log(f"warning: no {sibling.name} next to {self.init.name}: using the default pipeline config")
-        return PipelineConfig()
+        if self.init is None:
+            return PipelineConfig()
+        # Fine-tuning keeps the preparation the model was trained with. It is recorded only in the ONNX
+        # file exported beside the .keras one; without it the default config could differ from the
+        # model's (shape, intensity transform, ...) and the run would train on maps prepared otherwise.
+        if not self.init.is_file():
+            raise BadMessage(f"--init model {str(self.init)!r} does not exist")
+        sibling = self.init.with_suffix(".onnx")
+        if not sibling.is_file():
+            raise BadMessage(f"--init model {str(self.init)!r} has no {sibling.name} beside it, which holds the "
+                             f"pipeline config it was trained with: put it there, or give the pipeline "
+                             f"explicitly (a [pipeline] table in --config)")
+        return init_pipeline(sibling)
 
     def _open_data(self):
         files = [data_mod.open_map_file(p, seed=self.config.seed, split_fractions=self.config.split_fractions)
@@ -304,14 +311,23 @@ class Run:
         return model
 
     # ------------------------------------------------------------------------------------------------
+    def check(self) -> "Run":
+        """Refuse bad inputs (MODEL_DIR's state, --init, --resume) before TensorFlow loads or MODEL_DIR is made."""
+        if not self._checked:
+            self._check_out_dir()
+            self.config = self.config.resolved(fine_tune=self.init is not None) if not self.resume else self.config
+            self.pipeline = self._resolve_pipeline()
+            self._checked = True
+        return self
+
     def execute(self) -> dict:
+        self.check()
         import keras
 
-        self._check_out_dir()
-        self.config = self.config.resolved(fine_tune=self.init is not None) if not self.resume else self.config
-        self.pipeline = self._resolve_pipeline()
         cfg = self.config
         keras.utils.set_random_seed(cfg.seed)
+        for stale in self._stale:  # --force: the previous run's checkpoints
+            stale.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt.mkdir(parents=True, exist_ok=True)
         files = self._open_data()
@@ -500,6 +516,19 @@ class Run:
                                       "keras": keras.__version__, "python": platform.python_version()}},
         }
         return card
+
+
+def init_pipeline(onnx_path: Path) -> PipelineConfig:
+    """The pipeline config recorded in a defectscope ONNX file (the one an --init model was trained with)."""
+    import onnx
+    from defectscope.model.metadata import parse_metadata
+
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise BadMessage(f"{str(onnx_path)!r} is not a readable ONNX file ({type(exc).__name__}); "
+                         f"it should hold the --init model's pipeline config") from None
+    return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(onnx_path)).pipeline
 
 
 def load_model_compiled(path):

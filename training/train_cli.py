@@ -29,7 +29,8 @@ def register_train(sub) -> None:
     p.add_argument("--batch", type=int, help="batch size (default: 64 for 3 classes, 32 for 2, as the paper)")
     p.add_argument("--lr", type=float, help="initial learning rate (default: paper's; a tenth with --init)")
     p.add_argument("--seed", type=int, help="seed of initialisation, data order, dropout, augmentation (default 0)")
-    p.add_argument("--init", metavar="MODEL.keras", help="fine-tune from this model (e.g. a shipped one)")
+    p.add_argument("--init", metavar="MODEL.keras", help="fine-tune from this model (e.g. a shipped one); its "
+                   "MODEL.onnx must lie beside it (the pipeline config it was trained with) unless --config gives one")
     p.add_argument("--resume", action="store_true", help="continue the run in MODEL_DIR from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over even if MODEL_DIR holds a run")
     p.add_argument("--name", help="model name (default defectscope-3class / defectscope-2class)")
@@ -80,7 +81,7 @@ def cmd_train(args) -> int:
     from defectscope.errors import BadMessage
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no C++ info lines
-    _need_training_extra("tensorflow", "tf2onnx", "onnx", "matplotlib")
+    _need_training_extra("onnx")  # reads an --init model's pipeline config
     from defectscope.preprocessing.config import PipelineConfig
     from defectscope.training.train import Run, TrainConfig, load_run_config
 
@@ -100,6 +101,8 @@ def cmd_train(args) -> int:
     run = Run(args.data, args.out, config, pipeline=pipeline, init=args.init, resume=args.resume, force=args.force,
               name=args.name, model_version=args.model_version, command=command, progress=not args.no_progress,
               cache_dir=args.cache_dir, epochs_given=args.epochs is not None)
+    run.check()  # a bad --init or MODEL_DIR is one error line, before TensorFlow's start-up chatter
+    _need_training_extra("tensorflow", "tf2onnx", "matplotlib")
     result = run.execute()
     acc = result["test_metrics"].get("accuracy") if result["test_metrics"] else None
     print(f"wrote {result['onnx']} (T = {result['temperature']:.3f}"
