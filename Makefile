@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Reinstall whenever pyproject.toml changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,train]"
+	$(BIN)/python -m pip install -q -e ".[cpu,test,train]"
 	touch $@
 
 install: $(STAMP)
