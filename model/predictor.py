@@ -25,12 +25,16 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 MISSING_CUDA_POLICIES = ("degrade", "refuse")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _read_model(path: Path) -> bytes:
+    """The model file's bytes, read once: they are hashed and the session is built from them, so the
+    sha256 every reply names is that of the model serving, whatever happens to the file afterwards."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ModelUnavailable(f"model file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ModelUnavailable(f"model file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
 
 
 class Predictor:
@@ -52,13 +56,12 @@ class Predictor:
         if on_missing_cuda not in MISSING_CUDA_POLICIES:
             raise ValueError(f"on_missing_cuda must be one of {MISSING_CUDA_POLICIES}, got {on_missing_cuda!r}")
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelUnavailable(f"model file {str(self.path)!r} does not exist")
+        model = _read_model(self.path)
         self.requested_provider = provider
         # What a reload of another model file needs to load it the same way (server.reload).
         self.load_options = {"provider": provider, "on_missing_cuda": on_missing_cuda,
                              "intra_op_threads": intra_op_threads}
-        self.sha256 = _sha256(self.path)
+        self.sha256 = hashlib.sha256(model).hexdigest()
 
         available = ort.get_available_providers()
         cuda_seen = PROVIDERS["cuda"] in available
@@ -73,7 +76,7 @@ class Predictor:
             options.intra_op_num_threads = int(intra_op_threads)
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=wanted)
+            self._session = ort.InferenceSession(model, sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own types for corrupt or foreign files
             raise ModelUnavailable(f"model file {str(self.path)!r} cannot be loaded: {exc}".splitlines()[0]) from None
 

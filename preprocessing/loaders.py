@@ -7,13 +7,23 @@ the file's first bytes, not its name. Nothing is ever unpickled.
 HDF5 links are checked one path component at a time: soft links inside the file are followed (with a hop
 limit against loops); external links, user-defined links, external raw storage and virtual datasets
 (which read other files) raise ``PathNotAllowed`` — a server with a data root must not be steered outside it.
+TIFF series that read other files (OME multi-file, Micro-Manager sets) are switched off, and an OME-XML
+that names another file is refused the same way.
+
+A file is opened once and every step reads that open file: ``open_under_root`` opens a request's path
+without leaving the data root, and the loaders take the open file and never reopen it by name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import posixpath
+import stat
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import h5py
 import numpy as np
@@ -41,31 +51,38 @@ class MapFileNotFound(BadMessage, FileNotFoundError):
     """The file named does not exist (BAD_MESSAGE on the wire; ``FileNotFoundError`` for library users)."""
 
 
-def load_map(path, dataset: str | None = None, *, limits: Limits = Limits()) -> np.ndarray:
-    """The map stored in ``path`` (3-D, or 4-D for a batch), native byte order, its own dtype.
+def load_map(source, dataset: str | None = None, *, limits: Limits = Limits(), name: str | None = None) -> np.ndarray:
+    """The map stored in ``source`` (3-D, or 4-D for a batch), native byte order, its own dtype.
 
+    ``source``: a path, or a binary file open for reading (``open_under_root``), which is read and never
+    reopened by name. ``name``: what messages call the file (default: the path, or the file's name).
     ``dataset``: HDF5 path (default: the NeXus ``default``/``signal`` chain, then CXI's
     ``entry_1/data_1/data``); ``.npz`` key (default: the only array); TIFF series index (default 0);
     ignored for ``.npy``.
     """
-    path = Path(path)
-    kind = sniff_format(path)
-    reader = _READERS[kind]
-    try:
-        array = reader(path, dataset, lambda shape, dtype: check_declared(shape, dtype, limits, any_byte_order=True))
-    except DefectscopeError:
-        raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        where = f" dataset {dataset!r}" if dataset else ""
-        raise BadMessage(f"cannot read {kind} file {path}{where}: {exc}") from None
+    with _opened(source, name) as (fh, path):
+        kind = sniff_format(fh, path)
+        try:
+            array = _READERS[kind](fh, path, dataset,
+                                   lambda shape, dtype: check_declared(shape, dtype, limits, any_byte_order=True))
+        except DefectscopeError:
+            raise
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, tifffile.TiffFileError) as exc:
+            where = f" dataset {dataset!r}" if dataset else ""
+            raise BadMessage(f"cannot read {kind} file {path}{where}: {exc}") from None
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
-def load_mask(path, dataset: str | None = None, *, shape=None, limits: Limits = Limits()) -> np.ndarray:
-    """A bad-voxel mask (non-zero = bad) from the same formats, as bool; ``shape`` checks it matches a map."""
-    path = Path(path)
-    kind = sniff_format(path)
-    reader = _READERS[kind]
+def load_mask(source, dataset: str | None = None, *, shape=None, limits: Limits = Limits(),
+              name: str | None = None) -> np.ndarray:
+    """A bad-voxel mask (non-zero = bad) from the same formats, as bool; ``shape`` checks it matches a map.
+    ``source`` and ``name`` as for ``load_map``."""
+    with _opened(source, name) as (fh, path):
+        return _load_mask(fh, path, dataset, shape, limits)
+
+
+def _load_mask(fh, path: str, dataset, shape, limits: Limits) -> np.ndarray:
+    kind = sniff_format(fh, path)
 
     def check(declared_shape, dtype):
         dtype = np.dtype(dtype)
@@ -77,29 +94,157 @@ def load_mask(path, dataset: str | None = None, *, shape=None, limits: Limits = 
         return tuple(declared_shape), dtype
 
     try:
-        array = reader(path, dataset, check)
+        array = _READERS[kind](fh, path, dataset, check)
     except DefectscopeError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, tifffile.TiffFileError) as exc:
         raise BadMessage(f"cannot read mask from {kind} file {path}: {exc}") from None
     return array != 0
 
 
-def sniff_format(path: Path) -> str:
-    """``hdf5`` | ``npy`` | ``npz`` | ``tiff`` from the first bytes; a clear error otherwise."""
+@contextlib.contextmanager
+def _opened(source, name: str | None):
+    """``(file, name)``: an open binary file is used as it is (and left open); a path is opened once, here."""
+    if hasattr(source, "read"):
+        own = getattr(source, "name", None)  # an int for a file opened from a descriptor
+        yield source, name or (own if isinstance(own, str) else "<open file>")
+        return
+    name = name or str(source)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+        fh = open(source, "rb")
     except FileNotFoundError:
-        raise MapFileNotFound(f"no such file: {path}") from None
+        raise MapFileNotFound(f"no such file: {name}") from None
     except IsADirectoryError:
-        raise BadMessage(f"{path} is a directory, not a map file") from None
+        raise BadMessage(f"{name} is a directory, not a map file") from None
     except OSError as exc:
-        raise BadMessage(f"cannot open {path}: {exc.strerror or exc}") from None
+        raise BadMessage(f"cannot open {name}: {exc.strerror or exc}") from None
+    with fh:
+        yield fh, name
+
+
+def sniff_format(fh, name: str) -> str:
+    """``hdf5`` | ``npy`` | ``npz`` | ``tiff`` from the first bytes of the open file; a clear error otherwise."""
+    try:
+        fh.seek(0)
+        head = fh.read(8)
+    except IsADirectoryError:
+        raise BadMessage(f"{name} is a directory, not a map file") from None
+    except OSError as exc:
+        raise BadMessage(f"cannot read {name}: {exc.strerror or exc}") from None
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             return kind
-    raise BadMessage(f"{path} is not a map file this reader knows (HDF5/NeXus/CXI, .npy, .npz, TIFF)")
+    raise BadMessage(f"{name} is not a map file this reader knows (HDF5/NeXus/CXI, .npy, .npz, TIFF)")
+
+
+# --- opening a request's path under a data root ---------------------------------------------------
+_MAX_SYMLINKS = 40  # the kernel's own limit per path
+
+
+def open_under_root(root, path: str):
+    """``(file, name)``: ``path`` under the directory ``root`` open for reading, and the name relative to
+    ``root`` of the file actually opened. ``path`` is relative to ``root`` (or absolute, spelled under it).
+
+    The walk starts from a descriptor of ``root`` and opens one component at a time relative to the
+    last, always with ``O_NOFOLLOW``: the kernel never follows a link for us, so nothing outside the root
+    is ever opened, whatever is renamed or swapped while we walk. A symbolic link is read and its target
+    walked the same way: one that stays under the root is followed, one that leaves it is refused before
+    its target is touched. '..' in the request is refused. The caller reads what it needs from the file
+    returned and never opens the path again: a check by name followed by an open by name can be two files.
+    """
+    if not isinstance(path, str) or not path:
+        raise PathNotAllowed("the path must be a non-empty string")
+    if "\x00" in path:
+        raise PathNotAllowed("path contains a NUL byte")
+    if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
+        raise PathNotAllowed("file input needs a system that opens files relative to a directory (POSIX)")
+    root = os.path.realpath(root)
+    parts = path.split("/")
+    if ".." in parts:
+        raise PathNotAllowed(f"path {path!r} climbs out with '..'")
+    if path.startswith("/"):
+        parts = _beneath(root, path)
+        if parts is None:
+            raise PathNotAllowed(f"path {path!r} is outside the data root")
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PathNotAllowed(f"the data root cannot be opened: {exc.strerror or exc}") from None
+    dirs, names, links = [root_fd], [], 0
+    try:
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":  # from a link's target: back up the walk, never above the root
+                if len(dirs) == 1:
+                    raise PathNotAllowed(f"path {path!r} leads out of the data root through a symbolic link")
+                os.close(dirs.pop())
+                names.pop()
+                continue
+            last = not parts
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                fd = os.open(part, flags, dir_fd=dirs[-1])
+            except OSError as exc:
+                target = _link_target(part, dirs[-1])
+                if target is None:
+                    raise _refusal(path, exc) from None
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise PathNotAllowed(f"path {path!r} goes through more than {_MAX_SYMLINKS} symbolic links")
+                if target.startswith("/"):
+                    inside = _beneath(root, target)
+                    if inside is None:
+                        raise PathNotAllowed(f"path {path!r} is a symbolic link out of the data root")
+                    for walked in dirs[1:]:  # an absolute target starts again from the root
+                        os.close(walked)
+                    del dirs[1:], names[:]
+                    target_parts = inside
+                else:
+                    target_parts = target.split("/")
+                parts[:0] = target_parts
+                continue
+            if not last:
+                dirs.append(fd)
+                names.append(part)
+                continue
+            try:  # a FIFO or a device under the root is no map (O_NONBLOCK: opening a FIFO did not wait)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise PathNotAllowed(f"path {path!r} is not a regular file")
+                os.set_blocking(fd, True)
+                fh = open(fd, "rb")
+            except BaseException:
+                os.close(fd)
+                raise
+            return fh, "/".join([*names, part])
+        raise PathNotAllowed(f"path {path!r} is not a file under the data root")
+    finally:
+        for fd in dirs:
+            os.close(fd)
+
+
+def _beneath(root: str, path: str) -> list[str] | None:
+    """The components of absolute ``path`` below ``root``, or None when it is not spelled under it."""
+    prefix = root.rstrip("/") + "/"
+    if path == root:
+        return []
+    return path[len(prefix):].split("/") if path.startswith(prefix) else None
+
+
+def _link_target(name: str, dir_fd: int) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:  # not a link (EINVAL) or gone: the open's own error says why
+        return None
+
+
+def _refusal(path: str, exc: OSError) -> PathNotAllowed:
+    if exc.errno == errno.ENOENT:
+        return PathNotAllowed(f"path {path!r} is not a file under the data root")
+    if exc.errno == errno.ENOTDIR:
+        return PathNotAllowed(f"path {path!r} goes through something that is not a directory")
+    return PathNotAllowed(f"path {path!r} cannot be opened under the data root: {exc.strerror or exc}")
 
 
 # --- NumPy ------------------------------------------------------------------------------------------
@@ -114,14 +259,16 @@ def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def _read_npy(path: Path, dataset, check) -> np.ndarray:
-    with open(path, "rb") as fh:
-        check(*_npy_header(fh))
-    return np.load(path, allow_pickle=False)
+def _read_npy(fh, path: str, dataset, check) -> np.ndarray:
+    fh.seek(0)
+    check(*_npy_header(fh))
+    fh.seek(0)
+    return np.load(fh, allow_pickle=False)
 
 
-def _read_npz(path: Path, dataset, check) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as npz:
+def _read_npz(fh, path: str, dataset, check) -> np.ndarray:
+    fh.seek(0)
+    with np.load(fh, allow_pickle=False) as npz:
         keys = list(npz.files)
         if dataset is None:
             if len(keys) != 1:
@@ -135,8 +282,47 @@ def _read_npz(path: Path, dataset, check) -> np.ndarray:
 
 
 # --- TIFF -------------------------------------------------------------------------------------------
-def _read_tiff(path: Path, dataset, check) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
+# tifffile series kinds that read other files named in the file or found beside it (OME multi-file
+# series, Micro-Manager MMStack and NDTiff sets): switched off with tifffile's ``is_<kind>=False`` flags.
+_TIFF_KINDS_READING_OTHER_FILES = ("ome", "mmstack", "ndtiff")
+
+
+def open_tiff(fh, name: str) -> tifffile.TiffFile:
+    """A ``TiffFile`` that reads the open file ``fh`` and nothing else (close it; ``fh`` stays open).
+
+    tifffile follows the file names in an OME-XML by default, so a TIFF could pull pixels from any TIFF
+    the process can read: those series are off here, and an OME-XML that names any file but this one is
+    refused (``PathNotAllowed``), so the caller is told rather than handed part of a map.
+    """
+    fh.seek(0)
+    tif = tifffile.TiffFile(fh, name=posixpath.basename(str(name)) or "map.tif",
+                            **{f"is_{kind}": False for kind in _TIFF_KINDS_READING_OTHER_FILES})
+    try:
+        _refuse_other_files(tif, name)
+    except BaseException:
+        tif.close()
+        raise
+    return tif
+
+
+def _refuse_other_files(tif: tifffile.TiffFile, name: str) -> None:
+    text = tif.pages.first.description if len(tif.pages) else ""
+    if "FileName" not in text:
+        return
+    try:
+        xml = ElementTree.fromstring(text)
+    except (ElementTree.ParseError, ValueError):
+        return  # not XML: nothing names a file (and tifffile's OME reading is off)
+    own = posixpath.basename(str(name))
+    for element in xml.iter():
+        for key, value in element.attrib.items():
+            if key.rpartition("}")[2] == "FileName" and value != own:
+                raise PathNotAllowed(f"{name}: its OME-XML takes image data from another file, {value!r}; "
+                                     "a map is read from its own file only")
+
+
+def _read_tiff(fh, path: str, dataset, check) -> np.ndarray:
+    with open_tiff(fh, path) as tif:
         series_list = tif.series
         if not series_list:
             raise BadMessage(f"{path} holds no readable image (a damaged TIFF?)")
@@ -159,8 +345,9 @@ def _squeeze_to_map(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- HDF5 / NeXus / CXI -----------------------------------------------------------------------------
-def _read_hdf5(path: Path, dataset, check) -> np.ndarray:
-    with h5py.File(path, "r") as f:
+def _read_hdf5(fh, path: str, dataset, check) -> np.ndarray:
+    fh.seek(0)
+    with h5py.File(fh, "r") as f:
         name = dataset if dataset is not None else _default_dataset(f, path)
         node = safe_dataset(f, name, path)
         check(node.shape, node.dtype)

@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import tifffile
 
-from defectscope.errors import BadGeometry, BadMessage, DtypeNotAllowed, PathNotAllowed, ShapeMismatch
-from defectscope.preprocessing.loaders import safe_dataset
+from defectscope.errors import BadGeometry, BadMessage, DefectscopeError, DtypeNotAllowed, PathNotAllowed, ShapeMismatch
+from defectscope.preprocessing.loaders import open_tiff, safe_dataset
 from defectscope.preprocessing.validate import check_scan_size
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.geometry import PRESETS, Geometry, geometry_from_dict, load_xrayutilities
@@ -138,18 +138,23 @@ def _frame_files(frames_dir_or_glob) -> list[Path]:
 
 def _tiff_layout(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open(path, "rb") as fh, open_tiff(fh, path.name) as tif:
             return tuple(tif.pages[0].shape), tif.pages[0].dtype
+    except DefectscopeError:
+        raise
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise BadMessage(f"cannot read TIFF file {str(path)!r}: {exc}") from None
 
 
 def _read_tiff(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """One 2-D image, its header checked against ``shape`` before its pixels are read."""
+    """One 2-D image, its header checked against ``shape`` before its pixels are read (from the same open
+    file; ``open_tiff``: nothing but this file is read)."""
     try:
-        with tifffile.TiffFile(path) as tif:
+        with open(path, "rb") as fh, open_tiff(fh, path.name) as tif:
             found = (len(tif.pages), tuple(tif.pages[0].shape))
             image = tif.pages[0].asarray() if found == (1, shape) else None
+    except DefectscopeError:
+        raise
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise BadMessage(f"cannot read TIFF file {str(path)!r}: {exc}") from None
     if image is None:
@@ -256,23 +261,38 @@ def _spec_geometry(scan, columns, preset, shape, roi, direct_beam, spec_path, sc
 
 
 # HDF5 / NeXus / CXI ----------------------------------------------------------------------------------
-def load_hdf5_scan(path, dataset: str, *, mask_dataset: str | None = None, limits: Limits = Limits()):
+def load_hdf5_scan(source, dataset: str, *, mask_dataset: str | None = None, limits: Limits = Limits(),
+                   name: str | None = None):
     """Load a frame stack ``[n_frames, rows, cols]`` (and optionally its mask) from an HDF5/NeXus/CXI file.
 
-    The mask dataset may be 2-D (one frame) or 3-D (the scan); nonzero = bad. External links, external raw
-    storage and virtual datasets are refused (``PathNotAllowed``): the file must hold its data itself.
+    ``source``: a path, or a binary file open for reading (``loaders.open_under_root``), read and never
+    reopened by name; ``name``: what messages call it. The mask dataset may be 2-D (one frame) or 3-D
+    (the scan); nonzero = bad. External links, external raw storage and virtual datasets are refused
+    (``PathNotAllowed``): the file must hold its data itself.
     Returns ``(frames, {}, mask)``: an HDF5 stack carries no trusted geometry.
     """
-    path = _existing_file(path, "HDF5 file")
+    if hasattr(source, "read"):
+        return _hdf5_scan(source, name or "<open file>", dataset, mask_dataset, limits)
+    path = str(source)
     try:
-        h5 = h5py.File(path, "r")
+        fh = open(path, "rb")
+    except OSError:
+        raise PathNotAllowed(f"HDF5 file {path!r} does not exist or is not a file") from None
+    with fh:
+        return _hdf5_scan(fh, name or path, dataset, mask_dataset, limits)
+
+
+def _hdf5_scan(fh, path: str, dataset: str, mask_dataset: str | None, limits: Limits):
+    try:
+        fh.seek(0)
+        h5 = h5py.File(fh, "r")
     except OSError as exc:
-        raise BadMessage(f"cannot open {str(path)!r} as HDF5: {exc}") from None
+        raise BadMessage(f"cannot open {path!r} as HDF5: {exc}") from None
     with h5:
         data = _dataset(h5, dataset, path)
         if data.ndim != 3:
-            raise ShapeMismatch(f"dataset {dataset!r} in {str(path)!r} must be [n_frames, rows, cols], got shape {data.shape}")
-        _check_stack(data.shape[0], data.shape[1:], data.dtype, limits, f"dataset {dataset!r} in {str(path)!r}")
+            raise ShapeMismatch(f"dataset {dataset!r} in {path!r} must be [n_frames, rows, cols], got shape {data.shape}")
+        _check_stack(data.shape[0], data.shape[1:], data.dtype, limits, f"dataset {dataset!r} in {path!r}")
         mask = None
         if mask_dataset is not None:
             m = _dataset(h5, mask_dataset, path)
@@ -285,5 +305,5 @@ def load_hdf5_scan(path, dataset: str, *, mask_dataset: str | None = None, limit
     return frames, {}, mask
 
 
-def _dataset(h5: h5py.File, name: str, path: Path) -> h5py.Dataset:
-    return safe_dataset(h5, name, str(path))
+def _dataset(h5: h5py.File, name: str, path: str) -> h5py.Dataset:
+    return safe_dataset(h5, name, path)

@@ -24,7 +24,7 @@ from defectscope.model.predictor import Predictor
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
-from defectscope.preprocessing.loaders import load_map
+from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare
 from defectscope.preprocessing.scans import load_hdf5_scan
@@ -132,26 +132,13 @@ class Stats:
             }
 
 
-def resolve_data_path(root: Path | None, path: str) -> Path:
-    """The real path of ``path`` under ``root``; no ``..``, absolute escape or symlink escape."""
+def open_data_file(root: Path | None, path: str):
+    """``(file, name)``: ``path`` under the data root, open for reading, and the name under the root of
+    the file opened (``loaders.open_under_root``: no '..', no absolute or symlink escape, nothing outside
+    the root ever opened). Read everything from that file: opening the path again could open another."""
     if root is None:
         raise PathNotAllowed("file input is disabled on this server (no data root configured)")
-    root = Path(root).resolve()
-    if "\x00" in path:
-        raise PathNotAllowed("path contains a NUL byte")
-    candidate = Path(path)
-    if candidate.is_absolute():
-        full = candidate
-    else:
-        if ".." in candidate.parts:
-            raise PathNotAllowed(f"path {path!r} climbs out with '..'")
-        full = root / candidate
-    real = Path(os.path.realpath(full))
-    if real != root and root not in real.parents:
-        raise PathNotAllowed(f"path {path!r} resolves outside the data root")
-    if not real.is_file():
-        raise PathNotAllowed(f"path {path!r} is not a file under the data root")
-    return real
+    return open_under_root(root, path)
 
 
 class Classifier:
@@ -442,11 +429,15 @@ class Classifier:
         return p
 
     def _from_file(self, spec: dict):
-        path = resolve_data_path(self.data_root, spec["path"])
-        if spec.get("geometry") is not None:
-            frames, mask = load_hdf5_scan(path, spec.get("dataset"), limits=self.limits)[::2]
+        scan = spec.get("geometry") is not None
+        fh, name = open_data_file(self.data_root, spec["path"])
+        with fh:  # opened once: the loaders read this file and never the path again
+            if scan:
+                frames, _, mask = load_hdf5_scan(fh, spec.get("dataset"), limits=self.limits, name=name)
+            else:
+                volume = load_map(fh, spec.get("dataset"), limits=self.limits, name=name)
+        if scan:
             return self._from_scan(frames, spec["geometry"], mask)
-        volume = load_map(path, spec.get("dataset"), limits=self.limits)
         if volume.ndim != 3:
             raise BadMessage(f"file {spec['path']!r} holds an array of shape {volume.shape}, expected one 3D map")
         kw = dict(axes=tuple(spec.get("axes") or CANONICAL_AXES), q_direction=spec.get("q_direction"),

@@ -124,6 +124,80 @@ def test_tiff_bad_series(tmp_path, volume):
         load_map(tmp_path / "map.tif", "3")
 
 
+OME_TYPES = {np.dtype("<u2"): "uint16", np.dtype("<f4"): "float"}
+
+
+def write_ome_tiff(path: Path, planes: np.ndarray, others=(), own_name: str | None = None) -> Path:
+    """An OME-TIFF holding ``planes`` [n, rows, cols] whose OME-XML names itself (as ``own_name``, default its
+    file name) for them and adds one Z plane from each file named in ``others``: a multi-file OME series,
+    the layout tifffile follows by default."""
+    n, rows, cols = planes.shape
+    uuid = [f"urn:uuid:00000000-0000-4000-8000-{k:012d}" for k in range(len(others) + 1)]
+    data = f'<TiffData FirstZ="0" IFD="0" PlaneCount="{n}"><UUID FileName="{own_name or path.name}">{uuid[0]}</UUID></TiffData>'
+    data += "".join(f'<TiffData FirstZ="{n + k}" IFD="0" PlaneCount="1"><UUID FileName="{name}">{uuid[k + 1]}</UUID></TiffData>'
+                    for k, name in enumerate(others))
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+           f'UUID="{uuid[0]}"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" '
+           f'Type="{OME_TYPES[planes.dtype]}" SizeX="{cols}" SizeY="{rows}" SizeZ="{n + len(others)}" SizeC="1" '
+           f'SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/>{data}</Pixels></Image></OME>')
+    tifffile.imwrite(path, planes, description=xml, metadata=None, photometric="minisblack")
+    return path
+
+
+def test_ome_tiff_naming_another_file_is_refused(tmp_path):
+    """Issue #14.4: tifffile follows the file names of an OME-XML by default; a map comes from its own file."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    secret = np.full((1, 6, 7), 7777, np.uint16)
+    tifffile.imwrite(tmp_path / "outside" / "secret.tif", secret, metadata=None)
+    own = np.arange(2 * 6 * 7, dtype=np.uint16).reshape(2, 6, 7)
+    for name, other in (("relative.ome.tif", "../outside/secret.tif"), ("absolute.ome.tif", str(tmp_path / "outside" / "secret.tif"))):
+        path = write_ome_tiff(tmp_path / "root" / name, own, others=[other])
+        with tifffile.TiffFile(path) as tif:  # the hole: tifffile alone reads the other file's pixels
+            assert tif.series[0].asarray()[2, 0, 0] == 7777
+        with pytest.raises(PathNotAllowed, match="another file"):
+            load_map(path)
+        with pytest.raises(PathNotAllowed, match="another file"):
+            load_mask(path)
+
+
+def test_ome_tiff_naming_only_itself_loads(tmp_path):
+    """Single-file OME-TIFFs (Bio-Formats writes a UUID naming the file itself) are read as before."""
+    own = np.arange(3 * 6 * 7, dtype=np.uint16).reshape(3, 6, 7)
+    assert np.array_equal(load_map(write_ome_tiff(tmp_path / "self.ome.tif", own)), own)
+    tifffile.imwrite(tmp_path / "plain.ome.tif", own, ome=True)  # tifffile's own OME writer
+    assert np.array_equal(load_map(tmp_path / "plain.ome.tif"), own)
+    with pytest.raises(PathNotAllowed, match="another file"):  # the same bytes under another name name another file
+        load_map(write_ome_tiff(tmp_path / "renamed.ome.tif", own, own_name="original.ome.tif"))
+
+
+# --- reading an open file -------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["npy", "npz", "tif", "h5"])
+def test_an_open_file_is_read_not_its_name(tmp_path, volume, fmt):
+    """Issue #14.5: given an open file, the loaders read it and never open the path again: a file put in its
+    place after it was opened is not what they read."""
+    def write(path, v):
+        {"npy": lambda: np.save(path, v), "npz": lambda: np.savez(path, data=v),
+         "tif": lambda: tifffile.imwrite(path, v), "h5": lambda: h5py.File(path, "w").create_dataset("data", data=v).file.close()}[fmt]()
+
+    counts = volume.astype("<u2")  # integers: the same file serves as a mask
+    path = tmp_path / f"map.{fmt}"
+    write(path, counts)
+    write(tmp_path / f"other.{fmt}", counts + 1)
+    dataset = "data" if fmt == "h5" else None
+    with open(path, "rb") as fh:
+        os.replace(tmp_path / f"other.{fmt}", path)
+        assert np.array_equal(load_map(fh, dataset, name="map"), counts)
+        assert np.array_equal(load_mask(fh, dataset, name="map"), counts != 0)
+        assert not fh.closed  # the caller's to close
+
+
+def test_messages_name_the_file_as_the_caller_does(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a map")
+    with open(tmp_path / "notes.txt", "rb") as fh, pytest.raises(BadMessage, match="^sub/notes.txt is not a map"):
+        load_map(fh, name="sub/notes.txt")
+
+
 # --- HDF5 / NeXus / CXI ---------------------------------------------------------------------------
 def test_hdf5_dataset_path(tmp_path, volume):
     with h5py.File(tmp_path / "map.h5", "w") as f:
