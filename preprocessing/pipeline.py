@@ -12,6 +12,8 @@ Problems that still allow a classification come back as warnings, ``{"reason", "
 - ``NEGATIVE_CLIPPED``: small negatives (background subtraction) set to 0;
 - ``HIGH_MASKED_FRACTION``: more than ``config.masked_fraction_warn`` of the voxels masked;
 - ``LOW_COUNTS``: peak below ``config.low_counts_peak``, the class is less certain;
+- ``RELATIVE_INTENSITY``: the map is not photon counts (``intensity`` ``relative`` or ``amplitude``, the
+  latter squared first): the count-based refusal and ``LOW_COUNTS`` cannot be judged and are not applied;
 - ``PEAK_NEAR_EDGE``: peak within ``config.edge_margin`` voxels of a face, part of it is missing;
 - ``ISOLATED_VOXELS_SUPPRESSED``: hot pixels / one-voxel aliens near the peak set to their brightest
   neighbour (they would otherwise become the maximum the map is divided by);
@@ -34,11 +36,13 @@ from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import estimate_oversampling, oversampling_warning, resample, resample_factor
-from defectscope.preprocessing.validate import check_declared, check_range, check_values, make_warning
+from defectscope.preprocessing.validate import (
+    amplitude_to_intensity, check_declared, check_intensity, check_range, check_values, make_warning,
+)
 
 WARNING_REASONS = (
     "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",
-    "OVERSAMPLING_OUT_OF_RANGE", "CENTRING_NOT_CONVERGED",
+    "OVERSAMPLING_OUT_OF_RANGE", "CENTRING_NOT_CONVERGED", "RELATIVE_INTENSITY",
 )
 # The centre-of-mass search and the resampling read real data beyond the model's window: this fraction
 # of the window on every side (the source is re-made around the new centre if that is not enough).
@@ -64,15 +68,19 @@ def prepare(
     voxel_size=None,
     mask: np.ndarray | None = None,
     limits: Limits = Limits(),
+    intensity: str = "counts",
 ) -> Prepared:
     """Prepare one map (3-D, any allowed dtype) for the model; the input array is never modified.
 
     ``axes``, ``q_direction``, ``voxel_size`` as in ``frames.plan_canonical``; ``mask`` same shape as
     ``volume``, True (non-zero) = bad voxel, set to 0 before anything else, so masked voxels may hold
-    anything (NaN included). Voxel positions in the report are in the full map after frame conversion.
+    anything (NaN included). ``intensity``: what the numbers are, ``counts`` (photon counts), ``relative``
+    (a scaled intensity) or ``amplitude`` (sqrt(I), squared after the mask); the same map given as counts,
+    scaled, or as its amplitude is prepared into the same array (the pipeline normalises by the maximum).
+    Voxel positions in the report are in the full map after frame conversion.
     """
     preparation = Preparation(volume, config, axes=axes, q_direction=q_direction, voxel_size=voxel_size,
-                              mask=mask, limits=limits)
+                              mask=mask, limits=limits, intensity=intensity)
     return preparation.finish(*preparation.estimate())
 
 
@@ -85,7 +93,8 @@ class Preparation:
     """
 
     def __init__(self, volume, config: PipelineConfig = PipelineConfig(), *, axes: Sequence[str] = CANONICAL_AXES,
-                 q_direction=None, voxel_size=None, mask=None, limits: Limits = Limits()):
+                 q_direction=None, voxel_size=None, mask=None, limits: Limits = Limits(), intensity: str = "counts"):
+        check_intensity(intensity)
         volume = np.asarray(volume)
         _, dtype = check_declared(volume.shape, volume.dtype, limits, allow_batch=False, any_byte_order=True)
         if dtype.kind == "f" and dtype.itemsize > 4:  # would overflow float32 on the cast: say why, not "Inf"
@@ -95,7 +104,9 @@ class Preparation:
         work = np.array(volume, dtype=np.float32, order="C", copy=True)  # our buffer: edited in place below
         warnings: list[dict] = []
         masked = _apply_mask(work, mask, config, warnings)
-        work, clipped = check_values(work, config, in_place=True)
+        if intensity == "amplitude":
+            work = amplitude_to_intensity(work)
+        work, clipped = check_values(work, config, in_place=True, intensity=intensity)
         warnings += clipped
 
         shape = config.shape
@@ -109,7 +120,8 @@ class Preparation:
                 f"(median of their {config.peak_median_size}^3 neighbourhood is 0)"
             )
         peak_index = np.array(peak.index) + source.origin  # full canonical grid from here on
-        warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config)
+        warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config,
+                                   counts_known=intensity == "counts")
 
         window = crop_pad(source.array, peak.index, shape)  # a copy: nothing below writes into it
         isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
@@ -117,7 +129,7 @@ class Preparation:
             warnings.append(isolated)
         self.config, self.shape, self.margin, self.source = config, shape, margin, source
         self.window, self.peak, self.peak_index, self.warnings = window, peak, peak_index, warnings
-        self._input = (list(volume.shape), dtype.str, masked, volume.size, work)
+        self._input = (list(volume.shape), dtype.str, masked, volume.size, work, intensity)
 
     def estimate(self) -> tuple[np.ndarray, float]:
         """The oversampling estimate (per axis, overall); reads ``window`` only."""
@@ -150,11 +162,12 @@ class Preparation:
                 f"centre of mass at ({', '.join(f'{c:.2f}' for c in done.com)}) after {centred.iterations} whole-voxel "
                 f"re-cuts, not rounding to {[n // 2 for n in shape]}: content entering and leaving the window",
             ))
-        input_shape, input_dtype, masked, size, work = self._input
+        input_shape, input_dtype, masked, size, work, intensity = self._input
         peak, source = self.peak, self.source
         report = {
             "input_shape": input_shape,
             "input_dtype": input_dtype,
+            "intensity": intensity,
             "frame": source.info,
             "masked_voxels": masked,
             "masked_fraction": masked / size,
@@ -259,9 +272,10 @@ def _apply_mask(work: np.ndarray, mask, config: PipelineConfig, warnings: list[d
     return masked
 
 
-def _peak_warnings(index: np.ndarray, counts: float, shape: Sequence[int], config: PipelineConfig) -> list[dict]:
+def _peak_warnings(index: np.ndarray, counts: float, shape: Sequence[int], config: PipelineConfig, *,
+                   counts_known: bool = True) -> list[dict]:
     warnings = []
-    if counts < config.low_counts_peak:
+    if counts_known and counts < config.low_counts_peak:
         warnings.append(make_warning(
             "LOW_COUNTS", f"peak of {counts:.6g} counts is below {config.low_counts_peak:.6g}: the class is less certain",
         ))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from defectscope.errors import DtypeNotAllowed, LowSignal, NonFinite, ShapeMismatch, TooLarge
+from defectscope.errors import BadMessage, DtypeNotAllowed, LowSignal, NonFinite, ShapeMismatch, TooLarge
 from defectscope.preprocessing.config import Limits, PipelineConfig
 
 
@@ -95,11 +95,43 @@ def check_range(low: float, high: float) -> None:
                         "range the preparation computes in (float32 sums would overflow); rescale the map")
 
 
-def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool = False) -> tuple[np.ndarray, list[dict]]:
+# What the numbers of a map are (SPEC §4 ``input.intensity``): photon counts (the count-based checks apply),
+# a scaled intensity (e.g. maximum 1), or an amplitude sqrt(I) (squared before anything else).
+INTENSITIES = ("counts", "relative", "amplitude")
+
+
+def check_intensity(intensity) -> str:
+    if intensity not in INTENSITIES:
+        raise BadMessage(f"intensity {str(intensity)[:32]!r} is unknown; it is one of {', '.join(INTENSITIES)}")
+    return intensity
+
+
+def relative_warning(config: PipelineConfig, intensity: str) -> dict:
+    """The warning of every map whose scale is not photon counts: what is no longer checked."""
+    return make_warning(
+        "RELATIVE_INTENSITY",
+        f"intensities given as {intensity}, not photon counts: the count-based checks (refusal below "
+        f"{config.min_peak_counts:g} counts, LOW_COUNTS below {config.low_counts_peak:g}) are not applied, "
+        "so a pattern too weak to classify is not detected",
+    )
+
+
+def amplitude_to_intensity(work: np.ndarray) -> np.ndarray:
+    """Square an amplitude map in place (float32); an amplitude is never negative."""
+    low = float(work.min()) if work.size else 0.0
+    if low < 0:
+        raise NonFinite(f"amplitude map has negative values down to {low:.6g}: an amplitude sqrt(I) is >= 0")
+    with np.errstate(over="ignore"):  # an overflow becomes Inf, which check_values refuses by name
+        return np.square(work, out=work)
+
+
+def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool = False,
+                 intensity: str = "counts") -> tuple[np.ndarray, list[dict]]:
     """Check the numbers of one map; return it (small negatives clipped) and the warnings.
 
-    NaN/Inf and deep negatives raise ``NonFinite``; an all-zero or constant map, or one whose maximum is
-    below ``config.min_peak_counts``, raises ``LowSignal``. The input is not modified unless ``in_place``.
+    NaN/Inf and deep negatives raise ``NonFinite``; an all-zero or constant map raises ``LowSignal``, and
+    so does one of ``counts`` whose maximum is below ``config.min_peak_counts``. The input is not modified
+    unless ``in_place``.
     """
     if volume.size == 0:
         raise ShapeMismatch("map is empty")
@@ -129,8 +161,14 @@ def check_values(volume: np.ndarray, config: PipelineConfig, *, in_place: bool =
         raise LowSignal("map is all zero")
     if high == low:
         raise LowSignal(f"map is constant (every voxel {high:.6g}): no Bragg peak")
-    if high < config.min_peak_counts:
-        raise LowSignal(f"map maximum {high:.6g} is below min_peak_counts {config.min_peak_counts:.6g}")
+    if intensity != "counts":
+        warnings.append(relative_warning(config, intensity))
+    elif high < config.min_peak_counts:
+        hint = ""
+        if volume.dtype.kind == "f" and high <= 1:
+            hint = ("; if this map is scaled (maximum 1) or holds amplitudes sqrt(I), say so: input.intensity "
+                    "'relative' or 'amplitude' (CLI --intensity relative|amplitude, client intensity=...)")
+        raise LowSignal(f"map maximum {high:.6g} is below min_peak_counts {config.min_peak_counts:.6g}{hint}")
     return volume, warnings
 
 

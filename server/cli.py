@@ -110,10 +110,11 @@ def cmd_classify(args) -> int:
 
         with Client(args.server, timeout_s=args.timeout) as client:
             if kind == "map":
-                reply = client.classify(payload, axes=axes, return_prepared=bool(args.plot))
+                reply = client.classify(payload, axes=axes, intensity=args.intensity, return_prepared=bool(args.plot))
             else:
                 frames, geometry, mask = payload
-                reply = client.classify_scan(frames, geometry, mask=mask, return_prepared=bool(args.plot))
+                reply = client.classify_scan(frames, geometry, mask=mask, intensity=args.intensity,
+                                             return_prepared=bool(args.plot))
         prepared = reply.pop("prepared", None)
     else:
         from defectscope.model.predictor import Predictor
@@ -124,12 +125,13 @@ def cmd_classify(args) -> int:
         classifier = Classifier(Predictor(resolve_model(args.model), provider=args.provider))
         if kind == "map":
             request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="map",
-                              array=np.asarray(payload), spec={"axes": axes},
+                              array=np.asarray(payload), spec={"axes": axes, "intensity": args.intensity},
                               options={"return_prepared": bool(args.plot)})
         else:
             frames, geometry, mask = payload
             request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="scan",
-                              array=np.asarray(frames), mask=mask, spec={"geometry": geometry},
+                              array=np.asarray(frames), mask=mask,
+                              spec={"geometry": geometry, "intensity": args.intensity},
                               options={"return_prepared": bool(args.plot)})
         outcome = classifier.classify(request)
         reply = outcome.reply
@@ -175,6 +177,8 @@ def cmd_health(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from defectscope.preprocessing.validate import INTENSITIES  # after main() pinned BLAS (numpy loads here)
+
     parser = argparse.ArgumentParser(prog="defectscope", description="Defect classification of BCDI patterns")
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dark", help="dark-field TIFF (pixels with dark > 1 are masked)")
     p.add_argument("--whitefield", help="white-field TIFF")
     p.add_argument("--mask-dataset", help="HDF5 dataset of the detector mask of a raw scan")
+    p.add_argument("--intensity", choices=INTENSITIES, default="counts",
+                   help="what the numbers are: photon counts (default; count-based checks apply), relative "
+                        "(scaled, e.g. maximum 1) or amplitude (sqrt(I), as phase-retrieval tools store maps)")
     p.add_argument("--server", help="classify through a running server, e.g. tcp://127.0.0.1:5557")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--plot", help="write a PNG of three log-scale slices of the prepared map")

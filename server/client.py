@@ -144,11 +144,16 @@ class Client:
         return self.request(header, timeout_s=timeout_s, retries=0)[0]
 
     def classify(self, volume: np.ndarray, axes: Sequence[str] = CANONICAL_AXES, *, voxel_size=None,
-                 q_direction=None, request_id: str | None = None, return_prepared: bool = False,
-                 raise_on_error: bool = True) -> dict:
-        """Classify one map ``[n0,n1,n2]`` or a batch ``[B,n0,n1,n2]``; adds ``prepared`` array if asked."""
+                 q_direction=None, intensity: str | None = None, request_id: str | None = None,
+                 return_prepared: bool = False, raise_on_error: bool = True) -> dict:
+        """Classify one map ``[n0,n1,n2]`` or a batch ``[B,n0,n1,n2]``; adds ``prepared`` array if asked.
+
+        ``intensity``: what the numbers are (SPEC §4): ``"counts"`` (the default: photon counts),
+        ``"relative"`` (a scaled intensity, e.g. maximum 1) or ``"amplitude"`` (sqrt(I)). The same keyword
+        is taken by ``classify_scan``, ``classify_scan_stream`` and ``classify_file``."""
         volume = _wire_array(volume)
-        spec = {"kind": "map", "shape": list(volume.shape), "dtype": volume.dtype.str, "axes": list(axes)}
+        spec = {"kind": "map", "shape": list(volume.shape), "dtype": volume.dtype.str, "axes": list(axes),
+                **_intensity(intensity)}
         if voxel_size is not None:
             spec["voxel_size"] = [float(v) for v in voxel_size]
         if q_direction is not None:
@@ -160,7 +165,7 @@ class Client:
         return _attach_prepared(reply, extra)
 
     def classify_scan(self, frames, geometry: dict, *, mask: np.ndarray | None = None, per_frame: bool = True,
-                      request_id: str | None = None, return_prepared: bool = False,
+                      intensity: str | None = None, request_id: str | None = None, return_prepared: bool = False,
                       raise_on_error: bool = True) -> dict:
         """Classify a raw rocking scan ``[n_frames, rows, cols]`` (or a list of frames) with its geometry."""
         if isinstance(frames, np.ndarray):
@@ -171,7 +176,7 @@ class Client:
             frames = [_wire_array(f) for f in frames]
             parts = [memoryview(f).cast("B") for f in frames]
             shape, dtype = (len(frames), *frames[0].shape), frames[0].dtype
-        spec = {"kind": "scan", "shape": list(shape), "dtype": dtype.str, "geometry": geometry}
+        spec = {"kind": "scan", "shape": list(shape), "dtype": dtype.str, "geometry": geometry, **_intensity(intensity)}
         if mask is not None:
             m = np.ascontiguousarray(mask, dtype=np.uint8)
             spec["mask"] = {"shape": list(m.shape), "dtype": "|u1"}
@@ -183,8 +188,9 @@ class Client:
         return _attach_prepared(reply, extra)
 
     def classify_scan_stream(self, frames, geometry: dict, *, n_frames: int | None = None, frame_shape=None,
-                             dtype=None, mask: np.ndarray | None = None, request_id: str | None = None,
-                             return_prepared: bool = False, raise_on_error: bool = True) -> dict:
+                             dtype=None, mask: np.ndarray | None = None, intensity: str | None = None,
+                             request_id: str | None = None, return_prepared: bool = False,
+                             raise_on_error: bool = True) -> dict:
         """Send a scan frame by frame as it is measured (streamed scan, see ``server.protocol``).
 
         ``frames`` is any iterable of 2-D frames (a generator reading the detector, or an array); give
@@ -198,7 +204,7 @@ class Client:
         shape = tuple(frame_shape or first.shape)
         rid = request_id or uuid.uuid4().hex
         spec = {"kind": "scan", "shape": [n_frames, *shape], "dtype": np.dtype(dtype or first.dtype).str,
-                "geometry": geometry, "stream": True}
+                "geometry": geometry, "stream": True, **_intensity(intensity)}
         parts = []
         if mask is not None:
             m = np.ascontiguousarray(mask, dtype=np.uint8)
@@ -254,8 +260,9 @@ class Client:
             return reply, parts[1:]
 
     def classify_file(self, path: str, dataset: str | None = None, *, geometry: dict | None = None,
-                      axes: Sequence[str] | None = None, request_id: str | None = None) -> dict:
-        spec = {"kind": "file", "path": str(path)}
+                      axes: Sequence[str] | None = None, intensity: str | None = None,
+                      request_id: str | None = None) -> dict:
+        spec = {"kind": "file", "path": str(path), **_intensity(intensity)}
         if dataset:
             spec["dataset"] = dataset
         if geometry:
@@ -266,6 +273,11 @@ class Client:
         if request_id:
             header["request_id"] = request_id
         return self.request(header)[0]
+
+
+def _intensity(intensity: str | None) -> dict:
+    """The ``input.intensity`` entry (none for the default, counts)."""
+    return {} if intensity is None else {"intensity": str(intensity)}
 
 
 def _wire_array(a) -> np.ndarray:

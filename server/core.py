@@ -28,6 +28,7 @@ from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare
 from defectscope.preprocessing.scans import load_hdf5_scan
+from defectscope.preprocessing.validate import amplitude_to_intensity
 from defectscope.server.protocol import DTYPE_ALIASES, Request
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,16 @@ def open_data_file(root: Path | None, path: str):
     return open_under_root(root, path)
 
 
+def _intensity(spec: dict) -> str:
+    """What a request's numbers are (SPEC §4 ``input.intensity``; validated by the protocol)."""
+    return spec.get("intensity") or "counts"
+
+
+def _frame_intensity(frame: np.ndarray, intensity: str) -> np.ndarray:
+    """A detector frame as intensities: an amplitude frame squared (float32), others as they are."""
+    return amplitude_to_intensity(np.array(frame, dtype=np.float32)) if intensity == "amplitude" else frame
+
+
 class Classifier:
     """Prepare and predict for validated requests; every failure becomes a protocol reason."""
 
@@ -224,6 +235,7 @@ class Classifier:
     def add_frame(self, stream: "ScanStream", index: int, frame: np.ndarray, decode_ms: float = 0.0) -> None:
         t0 = time.perf_counter()
         try:
+            frame = _frame_intensity(frame, _intensity(stream.request.spec))
             self.orthonormaliser.accumulate_frame(stream.state, index, frame)
         except DefectscopeError:
             raise
@@ -239,7 +251,8 @@ class Classifier:
             missing = np.flatnonzero(~received)
             raise ShapeMismatch(f"stream ended with {len(missing)} of {len(received)} frames missing "
                                 f"(first: {int(missing[0])})")
-        return self._run(stream.request, lambda: self._scan_volume(stream.state, stream.gridding_ms),
+        intensity = _intensity(stream.request.spec)
+        return self._run(stream.request, lambda: self._scan_volume(stream.state, stream.gridding_ms, intensity),
                          stream.decode_ms, prior_ms=stream.gridding_ms)
 
     def _run(self, request: Request, volumes, decode_ms: float, prior_ms: float = 0.0) -> Outcome:
@@ -379,20 +392,23 @@ class Classifier:
         spec = request.spec
         if request.kind == "map":
             volumes = request.array if request.array.ndim == 4 else request.array[np.newaxis]
-            kw = dict(axes=tuple(spec["axes"]), q_direction=spec.get("q_direction"), voxel_size=spec.get("voxel_size"))
+            kw = dict(axes=tuple(spec["axes"]), q_direction=spec.get("q_direction"), voxel_size=spec.get("voxel_size"),
+                      intensity=_intensity(spec))
             return volumes, kw, [], 0.0
         if request.kind == "scan":
             frames = request.array if request.array is not None else request.frames
-            return self._from_scan(frames, spec["geometry"], request.mask)
-        return self._from_file(spec)
+            return self._from_scan(frames, spec["geometry"], request.mask, _intensity(spec))
+        return self._from_file(request)
 
-    def _from_scan(self, frames, geometry: dict, mask):
+    def _from_scan(self, frames, geometry: dict, mask, intensity: str = "counts"):
         n_frames = len(frames)
         frame_shape = tuple(frames[0].shape)
         geom = geometry_from_dict(geometry, n_frames=n_frames, frame_shape=frame_shape)
         t0 = time.perf_counter()
+        if intensity == "amplitude":  # gridding sums intensities: square each frame first
+            frames = [_frame_intensity(f, intensity) for f in frames]
         state = self.orthonormaliser.accumulate(frames, geom, mask=mask)
-        return self._scan_volume(state, (time.perf_counter() - t0) * 1e3)
+        return self._scan_volume(state, (time.perf_counter() - t0) * 1e3, intensity)
 
     def scan_window(self) -> int:
         """Voxels per axis of the box cut around the peak of a gridded scan (Orthonormaliser.finish_window):
@@ -400,14 +416,15 @@ class Classifier:
         (oversampling 4.8); a map that needs more is re-cut larger (``_prepare_scan``)."""
         return int(math.ceil(1.5 * max(self.predictor.pipeline.shape)))
 
-    def _scan_volume(self, state, gridding_ms: float):
+    def _scan_volume(self, state, gridding_ms: float, intensity: str = "counts"):
         """Volumes, prepare() arguments, warnings and orthonormalisation ms of a gridded scan; only a box
-        around the peak is made (the prepared map is the one of the whole grid, see ``_prepare_scan``)."""
+        around the peak is made (the prepared map is the one of the whole grid, see ``_prepare_scan``).
+        ``intensity``: of the frames as sent (an amplitude scan's frames were squared before gridding)."""
         t0 = time.perf_counter()
         qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False)
         ms = gridding_ms + (time.perf_counter() - t0) * 1e3
         kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size],
-                  scan=(state, where))
+                  intensity="relative" if intensity == "amplitude" else intensity, scan=(state, where))
         return qmap.volume[np.newaxis], kw, [], ms
 
     def _prepare_scan(self, volume, kw):
@@ -428,21 +445,30 @@ class Classifier:
         p.report["scan_window"] = where
         return p
 
-    def _from_file(self, spec: dict):
-        scan = spec.get("geometry") is not None
+    def load_file(self, request: Request) -> None:
+        """Read a ``file`` request's data into the request (``array``; ``mask`` too for a scan), once: what
+        is classified, and what a replay's digest covers (``results.request_digest``), is what was read."""
+        if request.array is not None:
+            return
+        spec = request.spec
         fh, name = open_data_file(self.data_root, spec["path"])
         with fh:  # opened once: the loaders read this file and never the path again
-            if scan:
-                frames, _, mask = load_hdf5_scan(fh, spec.get("dataset"), limits=self.limits, name=name)
-            else:
-                volume = load_map(fh, spec.get("dataset"), limits=self.limits, name=name)
-        if scan:
-            return self._from_scan(frames, spec["geometry"], mask)
+            if spec.get("geometry") is not None:
+                request.array, _, request.mask = load_hdf5_scan(fh, spec.get("dataset"), limits=self.limits, name=name)
+                return
+            volume = load_map(fh, spec.get("dataset"), limits=self.limits, name=name)
         if volume.ndim != 3:
             raise BadMessage(f"file {spec['path']!r} holds an array of shape {volume.shape}, expected one 3D map")
+        request.array = volume
+
+    def _from_file(self, request: Request):
+        self.load_file(request)
+        spec = request.spec
+        if spec.get("geometry") is not None:
+            return self._from_scan(request.array, spec["geometry"], request.mask, _intensity(spec))
         kw = dict(axes=tuple(spec.get("axes") or CANONICAL_AXES), q_direction=spec.get("q_direction"),
-                  voxel_size=spec.get("voxel_size"))
-        return volume[np.newaxis], kw, [], 0.0
+                  voxel_size=spec.get("voxel_size"), intensity=_intensity(spec))
+        return request.array[np.newaxis], kw, [], 0.0
 
     def _prepare(self, volumes: np.ndarray, kw: dict):
         t0 = time.perf_counter()

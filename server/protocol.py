@@ -41,7 +41,7 @@ from defectscope.errors import (
     UnsupportedProtocol,
 )
 from defectscope.preprocessing.config import Limits
-from defectscope.preprocessing.validate import check_scan_size
+from defectscope.preprocessing.validate import check_intensity, check_scan_size
 
 OPS = ("classify", "info", "health", "reload", "frame")
 KINDS = ("map", "scan", "file")
@@ -56,10 +56,10 @@ DTYPE_ALIASES = {
     "<i4": "<i4", "int32": "<i4", "i4": "<i4",
 }
 MASK_DTYPES = {"|b1": "|b1", "bool": "|b1", "|u1": "|u1", "uint8": "|u1", "u1": "|u1"}
-MAP_INPUT_KEYS = {"kind", "shape", "dtype", "axes", "voxel_size", "q_direction"}
-SCAN_INPUT_KEYS = {"kind", "shape", "dtype", "geometry", "mask", "stream"}
+MAP_INPUT_KEYS = {"kind", "shape", "dtype", "axes", "voxel_size", "q_direction", "intensity"}
+SCAN_INPUT_KEYS = {"kind", "shape", "dtype", "geometry", "mask", "stream", "intensity"}
 FRAME_KEYS = {"protocol", "op", "request_id", "index", "last"}
-FILE_INPUT_KEYS = {"kind", "path", "dataset", "geometry", "axes", "q_direction", "voxel_size"}
+FILE_INPUT_KEYS = {"kind", "path", "dataset", "geometry", "axes", "q_direction", "voxel_size", "intensity"}
 OPTION_KEYS = {"return_prepared"}
 
 
@@ -69,7 +69,8 @@ class Request:
     request_id: str
     header: dict
     kind: str | None = None
-    array: np.ndarray | None = None  # map(s) [n0,n1,n2] / [B,n0,n1,n2], or scan frames [n,rows,cols]
+    # map(s) [n0,n1,n2] / [B,n0,n1,n2], or scan frames [n,rows,cols]; for a file, what was read from it
+    array: np.ndarray | None = None
     frames: list[np.ndarray] | None = None  # scan sent one buffer per frame
     mask: np.ndarray | None = None
     spec: dict = field(default_factory=dict)  # the validated `input` object
@@ -186,6 +187,8 @@ def parse_classify(header: dict, rid: str, buffers: Sequence, limits: Limits) ->
     kind = spec.get("kind")
     if kind not in KINDS:
         raise BadMessage(f"input.kind {str(kind)[:32]!r} is unknown; kinds are {', '.join(KINDS)}")
+    if spec.get("intensity") is not None:  # absent: "counts"
+        check_intensity(spec["intensity"])
     request = Request(op="classify", request_id=rid, header=header, kind=kind, spec=spec, options=options)
     total = sum(len(b) for b in buffers)
     if total > limits.max_message_bytes:

@@ -55,7 +55,7 @@ PROVIDERS = ("auto", "cpu", "cuda")
 BUSY_WAIT_S = 1.0      # a classification waits this long for the one running, then BUSY (clients time out at 3 s)
 TEARDOWN_WAIT_S = 2.0  # Init waits this long for a running classification
 RELOAD_WAIT_S = 2.0    # Reload answers after this long at most; a slower load finishes in the background
-FILE_ARG_KEYS = {"path", "dataset", "kind", "geometry", "axes", "q_direction", "voxel_size", "request_id"}
+FILE_ARG_KEYS = {"path", "dataset", "kind", "geometry", "axes", "q_direction", "voxel_size", "intensity", "request_id"}
 MAX_CLASSES = 16
 
 
@@ -331,7 +331,7 @@ class DefectClassifier(Device):
         try:
             args = json.loads(text)
         except ValueError:
-            raise BadMessage('ClassifyFile takes a JSON object {"path", "dataset", "kind", "geometry"}') from None
+            raise BadMessage('ClassifyFile takes a JSON object {"path", "dataset", "kind", "geometry", "intensity"}') from None
         if not isinstance(args, dict):
             raise BadMessage(f"ClassifyFile takes a JSON object, got {type(args).__name__}")
         unknown = sorted(set(args) - FILE_ARG_KEYS)
@@ -360,7 +360,8 @@ class DefectClassifier(Device):
 
     # -- commands -----------------------------------------------------------------------------------
     @command(dtype_in=str, dtype_out=str,
-             doc_in='JSON {"path", "dataset", "kind": "map"|"scan", "geometry", "request_id"}; path relative to DataRoot',
+             doc_in='JSON {"path", "dataset", "kind": "map"|"scan", "geometry", "intensity": "counts"|"relative"|'
+                    '"amplitude", "request_id"}; path relative to DataRoot',
              doc_out="JSON reply of protocol defectscope/1 (probabilities, label, timings_ms, warnings)")
     def ClassifyFile(self, argin: str) -> str:
         return self._classify("ClassifyFile", lambda: self._file_request(argin))

@@ -76,6 +76,7 @@ class Server:
         self.batch_max = max(1, int(batch_max))
         self.drain_s = drain_s
         self.results = results
+        self._replaying = results is not None and getattr(results, "replay_window", 0) > 0
         # CURVE (SPEC §4, off loopback): the server's key pair from a zmq.auth ``.key_secret`` file and a
         # directory of allowed client public keys; a client without a listed key never gets through the
         # handshake (libzmq drops it before any request is read, so it gets no reply at all).
@@ -254,8 +255,11 @@ class Server:
             request = protocol.parse_classify(header, rid, [f.buffer for f in body[1:]], self.limits)
             if request.kind == "scan" and request.spec.get("stream"):  # frames follow; never replayed
                 return self._streams.begin(envelope, request, (time.perf_counter() - t0) * 1e3)
-            if self.results is not None and replayable(request) and self._replay(router, envelope, request):
-                return
+            # A file's data are read by a worker, never on this thread: its replay is looked up there.
+            if self._replaying and request.kind != "file" and replayable(request):
+                reply = self._replayed(request, self.classifier)
+                if reply is not None:
+                    return self._send(router, envelope, reply)
             decode_ms = (time.perf_counter() - t0) * 1e3
             try:
                 self._queue.put_nowait((envelope, request, decode_ms))
@@ -270,20 +274,22 @@ class Server:
             self.classifier.stats.record(False, reason="INTERNAL")
             self._send(router, envelope, self._logged(protocol.error_reply(rid, incident(exc, "reading a request", log))))
 
-    def _replay(self, router, envelope, request) -> bool:
-        """Send the recorded reply if this request id was answered ok before for the same input."""
-        reply = self.results.replay(request.request_id, lambda: request_digest(request))
-        if reply is None:
-            return False
+    def _replayed(self, request, classifier) -> dict | None:
+        """The recorded reply (logged again, counted) if this request id was answered ok before for the same
+        input by the model ``classifier`` serves now; None otherwise. The digest covers the model, so after a
+        reload, or a restart on another model, a retried id is classified afresh."""
+        model = classifier.predictor.describe()
+        reply = self.results.replay(request.request_id, lambda: request_digest(request, model))
+        if reply is None or reply.get("model") != model:
+            return None
         reply["replayed"] = True
         if reply.pop("prepared", None) is not None or request.options.get("return_prepared"):
             reply.setdefault("warnings", []).append({
                 "reason": "PREPARED_NOT_REPLAYED",
                 "message": "this reply was given before and is replayed from the results log, without the prepared map"})
         self.results.append(reply, source=describe_source(request), replayed=True)
-        self.classifier.stats.record_replay()
-        self._send(router, envelope, reply)
-        return True
+        classifier.stats.record_replay()
+        return reply
 
     @staticmethod
     def _send(router, envelope, reply: dict, extra=()) -> None:
@@ -344,6 +350,11 @@ class Server:
         try:
             if isinstance(outcome, Exception):
                 raise outcome
+            if outcome is None and request.kind == "file" and self._replaying and replayable(request):
+                classifier.load_file(request)  # read once: the digest covers the bytes that are classified
+                reply = self._replayed(request, classifier)
+                if reply is not None:
+                    return [*envelope, protocol.encode(reply)]
             outcome = outcome or classifier.classify(request, decode_ms)
             body = [protocol.encode(outcome.reply), *outcome.frames]
             stats.record(True, outcome.reply["timings_ms"]["total"])
@@ -362,9 +373,8 @@ class Server:
         """Append the reply to the results log (when there is one) before it is sent; returns it."""
         if self.results is not None:
             p = self.classifier.predictor
-            keep = (request is not None and reply.get("ok") and getattr(self.results, "replay_window", 0)
-                    and replayable(request))
+            keep = request is not None and reply.get("ok") and self._replaying and replayable(request)
             self.results.append(reply, source=describe_source(request) if request is not None else "",
                                 model=p.describe(), provider=p.provider,
-                                digest=request_digest(request) if keep else None)
+                                digest=request_digest(request, reply.get("model")) if keep else None)
         return reply

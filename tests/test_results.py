@@ -279,18 +279,25 @@ def test_schema_1_file_stays_readable_and_is_migrated_for_appending(tmp_path):
         assert f.attrs["created"] == "2024-01-01T00:00:00+00:00"
 
 
-def test_request_digest_covers_input_and_bytes():
+def test_request_digest_covers_input_model_and_bytes():
     from defectscope.server.protocol import Request
-    from defectscope.server.results import request_digest
+    from defectscope.server import results
 
     amap = bragg_map(seed=1)
     spec = {"axes": ["q_par", "q_perp1", "q_perp2"]}
+    model = {"name": "m", "version": "1", "sha256": "ab" * 32}
+
+    def request_digest(request, model=model):
+        return results.request_digest(request, model)
 
     def req(array, options=None, spec=spec):
         return Request("classify", "x", {}, kind="map", array=array, spec=dict(spec), options=options or {})
 
     d = request_digest(req(amap))
     assert d == request_digest(req(amap.copy())) and len(d) == 32
+    for key in model:  # another model: another answer, never a replay of this one
+        assert request_digest(req(amap), {**model, key: "other"}) != d
+    assert request_digest(req(amap, spec={**spec, "intensity": "relative"})) != d
     other = amap.copy()
     other[1, 2, 3] += 1
     assert request_digest(req(other)) != d
