@@ -49,7 +49,11 @@ class Predictor:
         intra_op_threads: int | None = None,
         warmup: bool = True,
     ):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:  # the runtime is an extra (pyproject.toml): one of two, never both
+            raise ModelUnavailable("ONNX Runtime is not installed: pip install 'defectscope[cpu]' "
+                                   "(or 'defectscope[gpu]' on a CUDA machine)") from None
 
         if provider not in PROVIDER_CHOICES:
             raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {provider!r}")

@@ -195,3 +195,16 @@ def test_the_stdlib_check_leaves_out_imports_with_a_fallback(tmp_path):
     source = tmp_path / "guarded.py"
     source.write_text("try:\n    import tomllib\nexcept ImportError:\n    import tomli as tomllib\nimport json\n")
     assert _unguarded_imports(source) == {"tomli", "json"}  # the fallback itself is an import like any
+
+
+def test_serving_without_a_runtime_says_which_extra_to_install(tmp_path):
+    """The runtime is an extra ([cpu] or [gpu]): a plain install that lacks it gets one line, no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['onnxruntime'] = None  # what an install without the extra has\n"
+            "from defectscope.server.cli import main; sys.exit(main(['info']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "defectscope[cpu]" in lines[0] and "MODEL_UNAVAILABLE" in lines[0], out.stderr
