@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sync import gated
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -59,15 +61,23 @@ def make_server(predictor):
     from defectscope.server.core import Classifier
     from defectscope.server.zmq_server import Server
 
-    servers = []
+    servers, gates = [], []
 
-    def make(limits: Limits | None = None, data_root=None, workers: int = 1):
-        classifier = Classifier(predictor, limits=limits or Limits(), data_root=data_root)
-        server = Server(classifier, "tcp://127.0.0.1:*", workers=workers, drain_s=5).start()
+    def make(limits: Limits | None = None, data_root=None, workers: int = 1, gate=None, drain_s: float = 5,
+             **server_options):
+        """``gate`` (``sync.Gate``): every classification waits at it before the real one runs, so a test can
+        hold the worker; opened at teardown. ``server_options``: more ``Server`` keywords (``batch_max``)."""
+        cls = Classifier if gate is None else gated(Classifier, gate)
+        classifier = cls(predictor, limits=limits or Limits(), data_root=data_root)
+        server = Server(classifier, "tcp://127.0.0.1:*", workers=workers, drain_s=drain_s, **server_options).start()
         servers.append(server)
+        if gate is not None:
+            gates.append(gate)
         return server
 
     yield make
+    for g in gates:  # no worker left waiting for a test that has ended
+        g.open()
     for s in servers:
         s.stop(drain=False)
 

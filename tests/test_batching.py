@@ -14,6 +14,7 @@ from defectscope.server.core import Classifier
 from defectscope.server.zmq_server import Server
 
 from conftest import bragg_map
+from sync import HANG_S, Gate, gated, wait_until
 
 
 def map_message(rid: str, volume: np.ndarray) -> list[bytes]:
@@ -24,9 +25,13 @@ def map_message(rid: str, volume: np.ndarray) -> list[bytes]:
 
 
 def test_queued_maps_are_inferred_together_with_the_same_answers(predictor):
+    """Twelve maps wait in the queue behind a held worker (deterministically all queued before it takes the
+    next); with batch_max 4 they are inferred four at a time, each reply says the batch it shared, one bad
+    map fails alone, and every answer equals the map's answer alone."""
     maps = [bragg_map(seed=s, centre=(30.3 + s % 3, 34.1, 29.2)).astype("<f4") for s in range(12)]
     maps[5] = np.full_like(maps[5], np.nan)  # a bad one fails alone
-    classifier = Classifier(predictor, limits=Limits(queue_length=32))
+    gate = Gate()  # open while the reference answers are computed
+    classifier = gated(Classifier, gate)(predictor, limits=Limits(queue_length=32))
     reference = []
     for i, m in enumerate(maps):
         try:
@@ -38,18 +43,27 @@ def test_queued_maps_are_inferred_together_with_the_same_answers(predictor):
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(server.endpoint)
-        for i, m in enumerate(maps):  # all at once: the worker finds several waiting
+        gate.close()
+        held = gate.arrived + 1
+        sock.send_multipart(map_message("hold", maps[0]))
+        gate.wait_arrived(held)  # the worker is inside the "hold" classification
+        for i, m in enumerate(maps):
             sock.send_multipart(map_message(f"r{i}", m))
+        wait_until(lambda: server.queue_depth() == 1 + len(maps), what="all twelve maps queued")
+        gate.open()
         replies = {}
-        while len(replies) < len(maps) and sock.poll(30_000):
+        while len(replies) < len(maps) + 1 and sock.poll(HANG_S * 1000):
             r = json.loads(sock.recv_multipart()[1])
             replies[r["request_id"]] = r
     finally:
+        gate.open()
         sock.close(0)
         server.stop(drain=False)
-    assert len(replies) == len(maps)
-    batched = [r["timings_ms"].get("batched", 1) for r in replies.values() if r["ok"]]
-    assert max(batched) > 1 and max(batched) <= 4  # some shared a call, never more than batch_max
+    assert len(replies) == len(maps) + 1
+    assert replies["hold"]["ok"] and "batched" not in replies["hold"]["timings_ms"]  # it was alone
+    # Queue order r0..r11 in calls of 4: r0-r3, r4-r7 (r5 fails in preparation: 3 share the call), r8-r11.
+    batched = {rid: r["timings_ms"].get("batched", 1) for rid, r in replies.items() if r["ok"] and rid != "hold"}
+    assert batched == {f"r{i}": 3 if 4 <= i < 8 else 4 for i in range(12) if i != 5}, batched
     for i in range(len(maps)):
         r = replies[f"r{i}"]
         if i == 5:

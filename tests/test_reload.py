@@ -14,11 +14,12 @@ import time
 import pytest
 import zmq
 
-from defectscope.errors import BadMessage, ModelUnavailable, Unauthorized
+from defectscope.errors import BadMessage, DefectscopeError, ModelUnavailable, Unauthorized
 from defectscope.server.client import Client
 from defectscope.server.reload import ReloadTokenError, read_token_file
 
 from conftest import bragg_map
+from sync import HANG_S, wait_until
 
 TOKEN = "s3cret-reload-token-0123456789"
 
@@ -66,56 +67,99 @@ def small_map():
 
 
 def test_reload_under_load_switches_model_once_without_a_failed_request(reload_server, fixture_model, second_model):
+    """A client classifies without pause while the model is reloaded: no request fails, the replies switch
+    from the old model to the new one exactly once, each request's answer is that of the model it names,
+    and the I/O loop keeps answering classifications while the new model loads.
+
+    The load is held (it waits for an event before the real load runs) until the stream has been answered
+    five more times, so "served during the load" is observed, not inferred from how long a sleep lasted;
+    the stream goes on until the reload has answered, and a little beyond, so the switch lies inside it."""
     volume = small_map()
     expected = {"fixture-1": expected_probabilities(fixture_model, volume),
                 "fixture-2": expected_probabilities(second_model, volume)}
     assert expected["fixture-1"] != expected["fixture-2"]
 
-    # Make the load measurably slow, to see the I/O loop serve while the new model loads beside the old one.
     reloader = reload_server._reloader
     real_load = reloader.load
+    load_entered, load_release, times = threading.Event(), threading.Event(), {}
 
-    def slow_load(model, old):
-        time.sleep(0.6)
+    def held_load(model, old):
+        times["entered"] = time.perf_counter()
+        load_entered.set()
+        assert load_release.wait(HANG_S), "the load was never let go"
         return real_load(model, old)
 
-    reloader.load = slow_load
+    reloader.load = held_load
 
-    n_requests, replies, failures = 200, [], []
-    stream_started = threading.Event()
+    BEFORE, DURING, AFTER, CAP = 20, 5, 20, 5000
+    replies, failures = [], []
+    stream_started, reload_answered = threading.Event(), threading.Event()
 
     def stream():
         with Client(reload_server.endpoint, timeout_s=20, retries=0) as c:
-            for i in range(n_requests):
+            after = 0
+            for i in range(CAP):  # CAP only bounds a hang
                 try:
                     replies.append(c.classify(volume, request_id=f"steady-{i}"))
                 except Exception as exc:  # any failure at all fails the test
                     failures.append(repr(exc))
-                if i == 20:
+                if i == BEFORE:
                     stream_started.set()
+                if reload_answered.is_set():
+                    after += 1
+                    if after > AFTER:
+                        return
 
     t = threading.Thread(target=stream)
     t.start()
-    assert stream_started.wait(60)
-    with Client(reload_server.endpoint, timeout_s=60, retries=0) as admin:
+    try:
+        assert stream_started.wait(HANG_S)
+        result = {}
+
+        def ask_reload():
+            with Client(reload_server.endpoint, timeout_s=HANG_S, retries=0) as admin:
+                try:
+                    result["reply"] = admin.reload(TOKEN, str(second_model))
+                except (DefectscopeError, TimeoutError) as exc:
+                    result["error"] = exc
+            reload_answered.set()
+
+        admin_thread = threading.Thread(target=ask_reload)
+        admin_thread.start()
+        assert load_entered.wait(HANG_S), "the reload never started loading"
         during_before = len(replies)
-        reply = admin.reload(TOKEN, str(second_model))
+        wait_until(lambda: len(replies) >= during_before + DURING or not t.is_alive(),
+                   what=lambda: f"{DURING} classifications answered while the model loads (got "
+                                f"{len(replies) - during_before}): the I/O loop is blocked")
         during = len(replies) - during_before
-        t.join(120)
-        assert not t.is_alive()
+        assert not reload_answered.is_set(), "the reload answered before its load was let go"
+        times["released"] = time.perf_counter()
+        load_release.set()
+        admin_thread.join(HANG_S)
+        t.join(HANG_S)
+        assert not t.is_alive() and not admin_thread.is_alive()
+    finally:
+        load_release.set()
+        reload_answered.set()
+    with Client(reload_server.endpoint, timeout_s=30, retries=0) as admin:
         health = admin.health()
 
-    assert failures == [] and len(replies) == n_requests
+    assert "error" not in result, result
+    reply = result["reply"]
+    assert failures == [] and len(replies) < CAP
+    assert during >= DURING, f"only {during} classifications answered while the model loaded"
     assert reply["ok"] and reply["model"]["version"] == "fixture-2"
-    assert reply["previous_model"]["version"] == "fixture-1" and reply["load_ms"] >= 600
-    assert during >= 5, f"only {during} classifications answered during a 0.6 s reload: the I/O loop was blocked"
+    # load_ms covers the whole load, the time it was held included (rounded to 0.1 ms).
+    assert reply["previous_model"]["version"] == "fixture-1"
+    assert reply["load_ms"] >= 1e3 * (times["released"] - times["entered"]) - 0.1
     versions = [r["model"]["version"] for r in replies]
+    assert "fixture-2" in versions, "the stream ended before the switch"
     switch = versions.index("fixture-2")
-    assert 20 <= switch < n_requests, "the reload did not happen inside the stream"
-    assert versions == ["fixture-1"] * switch + ["fixture-2"] * (n_requests - switch)  # exactly one switch
+    assert BEFORE + DURING < switch <= len(replies) - AFTER, "the reload did not happen inside the stream"
+    assert versions == ["fixture-1"] * switch + ["fixture-2"] * (len(replies) - switch)  # exactly one switch
     for r in replies:  # each request ran on exactly the model its reply names (no half-swapped pipeline)
         assert r["probabilities"] == pytest.approx(expected[r["model"]["version"]], abs=1e-6)
-    assert health["requests_failed"] == 0 and health["requests_total"] >= n_requests  # counters carried over
+    assert health["requests_failed"] == 0 and health["requests_total"] >= len(replies)  # counters carried over
     assert health["reloads"]["ok"] == 1 and health["reloads"]["failed"] == 0
     assert health["reloads"]["last"]["from"]["version"] == "fixture-1"
     assert health["reloads"]["last"]["to"]["version"] == "fixture-2"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from defectscope.preprocessing.config import Limits
 from defectscope.server.client import Client
 
 from conftest import bragg_map
+from sync import HANG_S, Gate, wait_until
 
 AXES = ["q_par", "q_perp1", "q_perp2"]
 
@@ -216,40 +218,58 @@ def test_file_path_escape_refused(make_server, tmp_path):
     assert reply["ok"], reply
 
 
+def receive(sock) -> dict:
+    """The next reply on a DEALER socket (the wait only bounds a hang)."""
+    assert sock.poll(HANG_S * 1000), f"no reply within {HANG_S:g} s"
+    return json.loads(sock.recv_multipart()[1])
+
+
 def test_full_queue_answers_busy_at_once(make_server):
-    server = make_server(limits=Limits(queue_length=1))
-    big = bragg_map(shape=(128, 128, 128), centre=(60, 70, 64)).tobytes()
+    """The worker is held inside a classification and the queue (length 1) is full: every further request
+    is answered BUSY while the worker is still held (at once, not once there is room); the held and the
+    queued request are then answered ok, and every request gets exactly one reply."""
+    gate = Gate(closed=True)
+    server = make_server(limits=Limits(queue_length=1), gate=gate)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.endpoint)
     n = 30
     try:
-        for i in range(n):
-            sock.send_multipart([b"", map_header(shape=(128, 128, 128), request_id=f"r{i}"), big])
-        replies = []
-        while len(replies) < n and sock.poll(20000):
-            replies.append(json.loads(sock.recv_multipart()[1]))
+        sock.send_multipart([b"", map_header(request_id="r0"), GOOD])
+        gate.wait_arrived(1)  # the worker is inside r0's classification
+        for i in range(1, n):
+            sock.send_multipart([b"", map_header(request_id=f"r{i}"), GOOD])
+        while_held = [receive(sock) for _ in range(n - 2)]  # r1 fills the queue; nothing else can be taken
+        assert server.queue_depth() == 2  # r0 in flight, r1 queued: the BUSYs did not wait for room
+        gate.open()
+        replies = while_held + [receive(sock) for _ in range(2)]
+        assert not sock.poll(100), "a request got a second reply"
     finally:
         sock.close(0)
-    assert len(replies) == n, "every request gets exactly one reply"
+    assert all(not r["ok"] and r["error"]["reason"] == "BUSY" for r in while_held), while_held
     assert sorted(r["request_id"] for r in replies) == sorted(f"r{i}" for i in range(n))
-    busy = [r for r in replies if not r["ok"]]
-    assert busy and all(r["error"]["reason"] == "BUSY" for r in busy)
-    assert any(r["ok"] for r in replies)
+    assert sorted(r["request_id"] for r in replies if r["ok"]) == ["r0", "r1"]
     assert_still_serving(server.endpoint)
 
 
 def test_late_reply_to_an_abandoned_attempt_is_not_taken_for_the_next(make_server, asym_map):
-    """A reply that arrives after the client gave up is recognised by its request id and skipped."""
-    server = make_server()
+    """A reply that arrives after the client gave up is recognised by its request id and skipped. The worker
+    is held inside the first classification until the client has given up on it, so that attempt times out
+    whatever the machine's load; its reply then reaches the socket ahead of the next request's."""
+    gate = Gate(closed=True)
+    server = make_server(gate=gate)
     with Client(server.endpoint, timeout_s=10, retries=0) as client:
         spec = {"kind": "map", "shape": [64, 64, 64], "dtype": "<f4", "axes": AXES}
         with pytest.raises(TimeoutError):
             client.request({"op": "classify", "request_id": "slow-1", "input": spec}, [asym_map.tobytes()],
-                           timeout_s=0.0005)
+                           timeout_s=1.0)
+        gate.wait_arrived(1)  # slow-1 reached the worker: it will be answered, late
+        gate.open()
         reply = client.classify(bragg_map(seed=9), axes=AXES, request_id="next-1")
         assert reply["request_id"] == "next-1"
+        health = client.health()
+    assert health["requests_total"] == 2 and health["requests_failed"] == 0  # slow-1 was answered ok, and skipped
 
 
 def test_client_retry_resends_the_same_request_id(server, asym_map):
@@ -272,7 +292,11 @@ def test_client_raises_the_reason_class(client):
 
 
 def test_stop_drains_queued_requests(make_server, asym_map):
-    server = make_server(limits=Limits(queue_length=8))
+    """stop(drain=True) answers what is queued or in flight when it begins: five requests wait behind a
+    held worker when stop starts, the worker is let go once the server says DRAINING, and all five are
+    answered ok (the drain limit is far away: it only bounds a hang)."""
+    gate = Gate(closed=True)
+    server = make_server(limits=Limits(queue_length=8), gate=gate, drain_s=HANG_S)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -280,17 +304,19 @@ def test_stop_drains_queued_requests(make_server, asym_map):
     try:
         for i in range(5):
             sock.send_multipart([b"", map_header(request_id=f"d{i}"), asym_map.tobytes()])
-        # Let the I/O thread queue them, then stop: all five must still be answered.
-        import time
-
-        deadline = time.monotonic() + 5
-        while server.classifier.stats.requests_total + server.queue_depth() < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        server.stop(drain=True)
-        got = []
-        while sock.poll(2000):
-            got.append(json.loads(sock.recv_multipart()[1]))
-        assert len(got) == 5 and all(r["ok"] for r in got)
+        wait_until(lambda: server.queue_depth() == 5, what="five requests queued or in flight")
+        stopper = threading.Thread(target=server.stop, kwargs={"drain": True})
+        stopper.start()
+        with Client(server.endpoint, timeout_s=10, retries=0) as watcher:
+            wait_until(lambda: watcher.health()["state"] == "DRAINING", what="the server draining")
+            # Still serving while it drains (a stop that did not wait would have left its I/O loop):
+            assert watcher.health()["queue_depth"] == 5
+        gate.open()
+        stopper.join(HANG_S + 10)
+        assert not stopper.is_alive(), "stop() did not return"
+        got = [receive(sock) for _ in range(5)]
+        assert sorted(r["request_id"] for r in got) == [f"d{i}" for i in range(5)]
+        assert all(r["ok"] for r in got), got
     finally:
         sock.close(0)
 
