@@ -216,6 +216,7 @@ def data_root(tmp_path_factory):
     with h5py.File(root / "map.h5", "w") as f:
         f["entry/data/data"] = amap
     np.save(root / "map.npy", amap)
+    np.save(root / "amplitude.npy", np.sqrt(amap / amap.max()))  # as phase-retrieval tools store a map
     with h5py.File(outside / "secret.h5", "w") as f:
         f["data"] = amap
     (root / "escape.h5").symlink_to(outside / "secret.h5")
@@ -295,6 +296,17 @@ def test_classify_file_map_and_symlink_inside_root(device, data_root):
     by_alias = json.loads(device.ClassifyFile(json.dumps({"path": "sub/alias.h5", "dataset": "entry/data/data"})))
     by_map = json.loads(device.ClassifyMap(amap.ravel()))
     assert by_h5["probabilities"] == by_npy["probabilities"] == by_alias["probabilities"] == by_map["probabilities"]
+
+
+def test_classify_file_intensity(device):
+    """ClassifyFile's JSON takes input.intensity: an amplitude map gives the answer of its counts, with the
+    RELATIVE_INTENSITY warning; sent as counts it is refused LOW_SIGNAL naming the option."""
+    by_counts = json.loads(device.ClassifyFile(json.dumps({"path": "map.npy"})))
+    by_amplitude = json.loads(device.ClassifyFile(json.dumps({"path": "amplitude.npy", "intensity": "amplitude"})))
+    np.testing.assert_allclose(by_amplitude["probabilities"], by_counts["probabilities"], atol=1e-5)
+    assert "RELATIVE_INTENSITY" in [w["reason"] for w in by_amplitude["warnings"]]
+    error = refusal(lambda: device.ClassifyFile(json.dumps({"path": "amplitude.npy"})))
+    assert error.reason == "LOW_SIGNAL" and "amplitude" in error.desc
 
 
 def test_classify_file_raw_scan_with_the_device_preset_equals_zeromq_scan(device, make_server):
