@@ -122,7 +122,7 @@ def test_full_send_queue_times_out(silent_peer):
         for _ in range(n):
             yield frame
 
-    for _ in range(3):  # each attempt sends until the queue is full, so fewer repeats suffice
+    for _ in range(REPEAT):
         _times_out(lambda: Client(silent_peer, timeout_s=TIMEOUT_S, retries=0),
                    call=lambda c: c.classify_scan_stream(frames(), {"preset": "aps-34idc"}, n_frames=n))
 
