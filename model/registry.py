@@ -30,3 +30,19 @@ def resolve_model(name_or_path: str | Path | None = None) -> Path:
         return zoo[name]
     have = ", ".join(zoo) or "none yet"
     raise ModelUnavailable(f"no model {name!r}: give a .onnx path or a bundled name (bundled: {have})")
+
+
+# The bundled models ask each other (server.core.Classifier cross_check): where the 3-class and the 2-class
+# model disagree on defect-free vs defective, the reply says so (MODELS_DISAGREE).
+CROSS_CHECK = {"defectscope-3class": "defectscope-2class", "defectscope-2class": "defectscope-3class"}
+
+
+def cross_check_for(model: str | Path) -> Path | None:
+    """The bundled model that cross-checks ``model`` (a path or a name): the other bundled one; None for a
+    model that is not bundled."""
+    zoo = bundled_models()
+    path = Path(resolve_model(model)).resolve()
+    for name, other in CROSS_CHECK.items():
+        if name in zoo and other in zoo and Path(zoo[name]).resolve() == path:
+            return zoo[other]
+    return None

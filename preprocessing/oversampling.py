@@ -99,17 +99,49 @@ def _best_fit(x, y, n, widths, exponents) -> tuple[float, float]:
     return float(widths[i]), float(exponents[j])
 
 
-def estimate_oversampling(volume: np.ndarray, config: PipelineConfig) -> tuple[np.ndarray, float]:
+def estimate_oversampling(volume: np.ndarray, config: PipelineConfig, *, details: bool = False):
     """Per-axis oversampling (3,) and the overall one (geometric mean: resampling is isotropic).
 
     A hot voxel adds a flat floor (its value / total counts) under the whole autocorrelation; above
     ``oversampling_threshold`` it hides the edge, so the pipeline removes isolated voxels first.
+
+    ``details``: also return, per axis, whether the crystal's edge was seen (``resolved``: the profile falls
+    below the threshold somewhere) and the profile's lowest value (``floor``). On measured maps, background,
+    facet streaks, a second scatterer or gridding artefacts can hold the whole profile above the threshold;
+    the width fitted there is not the crystal's, and the caller says so (``SAMPLING_UNDETERMINED``).
     """
+    profiles = autocorrelation_profiles(volume)
     per_axis = np.array([
-        n / fit_autocorrelation_width(p, n, config.oversampling_threshold)[0]
-        for n, p in zip(volume.shape, autocorrelation_profiles(volume))
+        n / fit_autocorrelation_width(p, n, config.oversampling_threshold)[0] for n, p in zip(volume.shape, profiles)
     ])
-    return per_axis, float(np.exp(np.log(per_axis).mean()))
+    overall = float(np.exp(np.log(per_axis).mean()))
+    if not details:
+        return per_axis, overall
+    floors = [float(p[1:].min()) if p.size > 1 else 1.0 for p in profiles]
+    return per_axis, overall, {"resolved": [f < config.oversampling_threshold for f in floors],
+                               "floor": [round(f, 4) for f in floors]}
+
+
+def crystal_extent_nm(per_axis: Sequence[float], voxel_size: Sequence[float] | None) -> list[float] | None:
+    """The crystal's extent per axis implied by the oversampling: 2 pi / (sigma * dq), in nm (dq in 1/A, the
+    Q = 2 pi / d convention); None without voxel sizes."""
+    if voxel_size is None:
+        return None
+    return [round(2 * np.pi / (s * d) / 10.0, 1) for s, d in zip(per_axis, voxel_size)]
+
+
+def undetermined_warning(info: dict, config: PipelineConfig) -> dict | None:
+    """The warning of a map along whose axes the crystal's edge was not seen (``estimate_oversampling``)."""
+    axes = [k for k, ok in enumerate(info["resolved"]) if not ok]
+    if not axes:
+        return None
+    floors = ", ".join(f"axis {k}: {info['floor'][k]:.3f}" for k in axes)
+    return make_warning(
+        "SAMPLING_UNDETERMINED",
+        f"the crystal's extent is not seen along {len(axes)} axis(es): the map's autocorrelation never falls "
+        f"below {config.oversampling_threshold:g} ({floors}): the map is under-sampled there (oversampling < 2, "
+        "its fringes are not resolved) or background, streaks, a second scatterer or gridding artefacts hold it "
+        "up; the oversampling estimate there, and the resampling built on it, are not reliable")
 
 
 def resample_factor(overall: float, config: PipelineConfig) -> float:

@@ -35,7 +35,9 @@ from defectscope.preprocessing.centring import (
 from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
-from defectscope.preprocessing.oversampling import estimate_oversampling, oversampling_warning, resample, resample_factor
+from defectscope.preprocessing.oversampling import (
+    crystal_extent_nm, estimate_oversampling, oversampling_warning, resample, resample_factor, undetermined_warning,
+)
 from defectscope.preprocessing.validate import (
     amplitude_to_intensity, check_declared, check_intensity, check_range, check_values, make_warning,
 )
@@ -43,6 +45,9 @@ from defectscope.preprocessing.validate import (
 WARNING_REASONS = (
     "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",
     "OVERSAMPLING_OUT_OF_RANGE", "CENTRING_NOT_CONVERGED", "RELATIVE_INTENSITY",
+    "SAMPLING_UNDETERMINED",
+    # Given by the classifier (server.core), which has the models to compare answers:
+    "SAMPLING_SENSITIVE", "MODELS_DISAGREE",
 )
 # The centre-of-mass search and the resampling read real data beyond the model's window: this fraction
 # of the window on every side (the source is re-made around the new centre if that is not enough).
@@ -57,6 +62,15 @@ class Prepared:
     array: np.ndarray  # float32, C-contiguous, config.shape
     warnings: list[dict] = field(default_factory=list)
     report: dict = field(default_factory=dict)
+    # With ``sampling_check``: the same map prepared at other oversamplings across the trained range
+    # ([k, *config.shape]), and those oversamplings; the classifier compares its answers on them.
+    variants: np.ndarray | None = None
+    variant_oversampling: tuple[float, ...] = ()
+
+
+# Where in the trained range [lo, hi] the sampling check puts a map: lo + f * (hi - lo) for each f
+# ([2, 4]: 2.3, 3.0, 3.7). A map's answer should not depend on where in that range it was sampled.
+SAMPLING_CHECK_FRACTIONS = (0.15, 0.5, 0.85)
 
 
 def prepare(
@@ -69,6 +83,7 @@ def prepare(
     mask: np.ndarray | None = None,
     limits: Limits = Limits(),
     intensity: str = "counts",
+    sampling_check: bool = False,
 ) -> Prepared:
     """Prepare one map (3-D, any allowed dtype) for the model; the input array is never modified.
 
@@ -77,11 +92,16 @@ def prepare(
     anything (NaN included). ``intensity``: what the numbers are, ``counts`` (photon counts), ``relative``
     (a scaled intensity) or ``amplitude`` (sqrt(I), squared after the mask); the same map given as counts,
     scaled, or as its amplitude is prepared into the same array (the pipeline normalises by the maximum).
-    Voxel positions in the report are in the full map after frame conversion.
+    Voxel positions in the report are in the full map after frame conversion. ``sampling_check``: also
+    prepare the ``variants`` (``Preparation.sampling_variants``).
     """
     preparation = Preparation(volume, config, axes=axes, q_direction=q_direction, voxel_size=voxel_size,
                               mask=mask, limits=limits, intensity=intensity)
-    return preparation.finish(*preparation.estimate())
+    per_axis, overall = preparation.estimate()
+    prepared = preparation.finish(per_axis, overall)
+    if sampling_check:
+        prepared.variant_oversampling, prepared.variants = preparation.sampling_variants(overall)
+    return prepared
 
 
 class Preparation:
@@ -132,8 +152,26 @@ class Preparation:
         self._input = (list(volume.shape), dtype.str, masked, volume.size, work, intensity)
 
     def estimate(self) -> tuple[np.ndarray, float]:
-        """The oversampling estimate (per axis, overall); reads ``window`` only."""
-        return estimate_oversampling(self.window, self.config)
+        """The oversampling estimate (per axis, overall); reads ``window`` only. Whether each axis was
+        resolved is kept for ``finish`` (which runs after this returns, also when this ran in a thread)."""
+        per_axis, overall, self._sampling = estimate_oversampling(self.window, self.config, details=True)
+        return per_axis, overall
+
+    def sampling_variants(self, overall: float) -> tuple[tuple[float, ...], np.ndarray | None]:
+        """The map prepared at oversamplings spread across the trained range (``SAMPLING_CHECK_FRACTIONS``),
+        each resampled from the source by ``target / overall`` (per-axis ratios kept): ``(targets, [k, *shape])``.
+        The model was trained across that whole range, so a trustworthy answer is the same at each; where it
+        is not, the answer depends on how the map happened to be sampled. ``((), None)`` without a range."""
+        if self.config.oversampling_range is None or not overall > 0:
+            return (), None
+        lo, hi = self.config.oversampling_range
+        targets = tuple(round(lo + f * (hi - lo), 3) for f in SAMPLING_CHECK_FRACTIONS)
+        arrays = [
+            self._finish_window(*_resample_and_centre(self.source, self.peak_index, t / overall, self.shape,
+                                                      self.margin)).array
+            for t in targets
+        ]
+        return targets, np.stack(arrays)
 
     def centre_unresampled(self) -> "_Centred":
         """The centred, normalised window as it is when no resampling is needed."""
@@ -164,6 +202,10 @@ class Preparation:
             ))
         input_shape, input_dtype, masked, size, work, intensity = self._input
         peak, source = self.peak, self.source
+        sampling = getattr(self, "_sampling", None) or {"resolved": [True] * 3, "floor": [None] * 3}
+        undetermined = undetermined_warning(sampling, config)
+        if undetermined is not None:
+            warnings.append(undetermined)
         report = {
             "input_shape": input_shape,
             "input_dtype": input_dtype,
@@ -178,6 +220,10 @@ class Preparation:
             "peak_counts": peak.counts,
             "peak_median_counts": peak.median_counts,
             "oversampling_per_axis": [round(float(s), 3) for s in per_axis],
+            # What the oversampling implies (2 pi / (sigma dq)), when the map's voxel size is known.
+            "crystal_extent_nm": crystal_extent_nm(per_axis, source.info.get("voxel_size_out")),
+            "oversampling_resolved": list(sampling["resolved"]),
+            "autocorrelation_floor": list(sampling["floor"]),
             "oversampling": round(overall, 3),
             "resample_factor": round(factor, 4),
             "oversampling_after": round(overall * factor, 3),

@@ -41,7 +41,16 @@ def cmd_serve(args) -> int:
     predictor = Predictor(resolve_model(args.model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
                           intra_op_threads=args.threads)
     limits = Limits(queue_length=args.queue)
-    classifier = Classifier(predictor, limits=limits, data_root=args.data_root)
+    cross_check = None
+    if args.cross_check != "none":
+        from defectscope.model.registry import cross_check_for
+
+        other = cross_check_for(args.model) if args.cross_check == "auto" else resolve_model(args.cross_check)
+        if other is not None:
+            cross_check = Predictor(other, provider=args.provider, on_missing_cuda=args.on_missing_cuda,
+                                    intra_op_threads=args.threads)
+    classifier = Classifier(predictor, limits=limits, data_root=args.data_root, cross_check=cross_check,
+                            sampling_check=not args.no_sampling_check)
     results = None
     if args.results:
         from defectscope.server.results import ResultsLog, ResultsLogError
@@ -198,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "file (chmod 600; at least 16 characters)")
     p.add_argument("--replay-window", type=int, default=100_000,
                    help="with --results: request ids whose ok reply is replayed to a retry (0: off)")
+    p.add_argument("--cross-check", default="auto", metavar="MODEL|auto|none",
+                   help="a second model asked on every map; where the two disagree on defect-free vs defective the "
+                        "reply warns MODELS_DISAGREE (auto: the other bundled model when serving a bundled one)")
+    p.add_argument("--no-sampling-check", action="store_true",
+                   help="do not classify each map again at other samplings of the trained range "
+                        "(SAMPLING_SENSITIVE warnings; three more maps per inference)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")

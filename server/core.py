@@ -28,7 +28,7 @@ from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare
 from defectscope.preprocessing.scans import load_hdf5_scan
-from defectscope.preprocessing.validate import amplitude_to_intensity
+from defectscope.preprocessing.validate import amplitude_to_intensity, make_warning
 from defectscope.server.protocol import DTYPE_ALIASES, Request
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class _Staged:
     timings: dict
     t0: float
     prior_ms: float = 0.0
+    variants: list = field(default_factory=list)  # per map: (oversamplings, [k, *shape] or None)
 
 
 @dataclass(eq=False)
@@ -142,6 +143,19 @@ def open_data_file(root: Path | None, path: str):
     return open_under_root(root, path)
 
 
+# Largest |P(defective) by one model - P(defective) by the other| still called agreement (MODELS_DISAGREE).
+DISAGREEMENT = 0.3
+
+
+def _defective(classes, probabilities) -> float | None:
+    """P(defective) = 1 - P(defect_free) (None without a defect_free class); with no probabilities, whether
+    the classes allow it (True/None)."""
+    classes = list(classes)
+    if "defect_free" not in classes:
+        return None
+    return True if probabilities is None else float(1.0 - probabilities[classes.index("defect_free")])
+
+
 def _intensity(spec: dict) -> str:
     """What a request's numbers are (SPEC §4 ``input.intensity``; validated by the protocol)."""
     return spec.get("intensity") or "counts"
@@ -156,13 +170,24 @@ class Classifier:
     """Prepare and predict for validated requests; every failure becomes a protocol reason."""
 
     def __init__(self, predictor: Predictor, *, limits: Limits | None = None, data_root: str | Path | None = None,
-                 overlap: bool = True, orthonormaliser: Orthonormaliser | None = None):
+                 overlap: bool = True, orthonormaliser: Orthonormaliser | None = None, sampling_check: bool = True,
+                 cross_check: Predictor | None = None):
         """``overlap``: run a single map's oversampling estimate beside its centring and inference
         (``_overlapped``; same answer, lower latency on a machine with a free core). ``orthonormaliser``:
         one to share (a reload hands the old classifier's over, with its cache of geometry mappings); it
-        must apply the same ``limits``. By default a new one under ``limits``."""
+        must apply the same ``limits``. By default a new one under ``limits``. ``sampling_check``: classify
+        every map also at oversamplings across the trained range and warn ``SAMPLING_SENSITIVE`` when the
+        label changes (``_check_sampling``; three more maps in the inference). ``cross_check``: a second model
+        (the 2-class beside a 3-class one, or the reverse) asked on the same prepared map; where the two
+        disagree on defect-free vs defective by more than ``DISAGREEMENT``, the reply warns ``MODELS_DISAGREE``."""
+        if cross_check is not None and cross_check.pipeline != predictor.pipeline:
+            raise ValueError("the cross-check model prepares its maps differently (another pipeline)")
+        if cross_check is not None and not (_defective(predictor.classes, None) and _defective(cross_check.classes, None)):
+            raise ValueError("both models need a 'defect_free' class to be compared")
         self.predictor = predictor
         self.overlap = overlap
+        self.sampling_check = sampling_check
+        self.cross_check = cross_check
         self.limits = limits or Limits()
         self.data_root = Path(data_root).resolve() if data_root else None
         self.stats = Stats()
@@ -277,8 +302,8 @@ class Classifier:
         timings = {"decode": round(decode_ms, 3), "orthonormalise": 0.0}
         vols, kw, warnings, timings["orthonormalise"] = volumes()
         if len(vols) != 1 or "scan" in kw:
-            prepared, warnings_per, reports, timings["prepare"] = self._prepare(vols, kw)
-            return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms)
+            prepared, warnings_per, reports, timings["prepare"], variants = self._prepare(vols, kw)
+            return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms, variants)
         t1 = time.perf_counter()
         preparation = Preparation(vols[0], self.predictor.pipeline, limits=self.limits, **kw)
         estimate = self._estimator().submit(preparation.estimate)
@@ -290,9 +315,10 @@ class Classifier:
         prepared = preparation.finish(per_axis, overall, unresampled)
         if prepared.report["resample_factor"] != 1.0:
             probabilities = self._infer(prepared.array[np.newaxis], timings)
+        variants = preparation.sampling_variants(overall) if self.sampling_check else ((), None)
         timings["prepare"] = (time.perf_counter() - t1) * 1e3 - timings["infer"]
         staged = _Staged(request, prepared.array[np.newaxis], warnings, [prepared.warnings], [prepared.report],
-                         timings, t0, prior_ms)
+                         timings, t0, prior_ms, [variants])
         return self._reply(staged, probabilities)
 
     @staticmethod
@@ -344,11 +370,11 @@ class Classifier:
 
         def run():
             vols, kw, warnings, timings["orthonormalise"] = volumes()
-            prepared, warnings_per, reports, timings["prepare"] = self._prepare(vols, kw)
-            return prepared, warnings, warnings_per, reports
+            prepared, warnings_per, reports, timings["prepare"], variants = self._prepare(vols, kw)
+            return prepared, warnings, warnings_per, reports, variants
 
-        prepared, warnings, warnings_per, reports = self._guarded(request, run)
-        return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms)
+        prepared, warnings, warnings_per, reports, variants = self._guarded(request, run)
+        return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms, variants)
 
     def _infer(self, prepared: np.ndarray, timings: dict) -> np.ndarray:
         t1 = time.perf_counter()
@@ -358,7 +384,52 @@ class Classifier:
             raise Internal("the model returned non-finite probabilities")
         return probabilities
 
+    def _check_sampling(self, staged: "_Staged", probabilities: np.ndarray) -> None:
+        """Compare each map's answer with the answers on its sampling variants (``Preparation.sampling_variants``):
+        the variants' labels and probabilities go into its report as ``sampling_check``, and a label that
+        changes with the sampling is warned ``SAMPLING_SENSITIVE``: on such a map the answer is not reliable."""
+        t0 = time.perf_counter()
+        classes = list(self.predictor.classes)
+        for i, (targets, variants) in enumerate(staged.variants):
+            if variants is None:
+                continue
+            answers = self._guarded(staged.request, lambda v=variants: self.predictor.predict(v))
+            labels = [classes[int(k)] for k in np.argmax(answers, axis=1)]
+            label = classes[int(np.argmax(probabilities[i]))]
+            staged.reports[i]["sampling_check"] = {
+                "oversampling": list(targets), "labels": labels,
+                "probabilities": [[round(float(v), 4) for v in row] for row in answers]}
+            if any(other != label for other in labels):
+                shown = ", ".join(f"{lab} at {t:g}" for lab, t in zip(labels, targets))
+                staged.warnings_per[i].append(make_warning(
+                    "SAMPLING_SENSITIVE",
+                    f"the answer {label} changes when the map is sampled elsewhere in the trained range "
+                    f"({shown}): it depends on how the map was gridded and is not reliable"))
+        staged.timings["sampling_check"] = (time.perf_counter() - t0) * 1e3
+
+    def _check_models(self, staged: "_Staged", probabilities: np.ndarray) -> None:
+        """Ask the cross-check model on the same prepared maps; say where the two disagree on whether the
+        crystal is defective (P(defective) = 1 - P(defect_free) for either model)."""
+        t0 = time.perf_counter()
+        other = self.cross_check
+        answers = self._guarded(staged.request, lambda: other.predict(staged.prepared))
+        for i, (mine, theirs) in enumerate(zip(probabilities, answers)):
+            a, b = _defective(self.predictor.classes, mine), _defective(other.classes, theirs)
+            staged.reports[i]["cross_check"] = {"model": other.describe(), "classes": list(other.classes),
+                                                "probabilities": [round(float(v), 4) for v in theirs]}
+            if abs(a - b) > DISAGREEMENT:
+                staged.warnings_per[i].append(make_warning(
+                    "MODELS_DISAGREE",
+                    f"P(defective) is {a:.2f} by {self.predictor.describe()['name']} and {b:.2f} by "
+                    f"{other.describe()['name']}: the two models contradict each other on this map, so neither "
+                    "answer is reliable"))
+        staged.timings["cross_check"] = (time.perf_counter() - t0) * 1e3
+
     def _reply(self, staged: "_Staged", probabilities: np.ndarray) -> Outcome:
+        if any(v is not None for _, v in staged.variants):
+            self._check_sampling(staged, probabilities)
+        if self.cross_check is not None:
+            self._check_models(staged, probabilities)
         request, prepared, timings = staged.request, staged.prepared, staged.timings
         timings["total"] = timings["decode"] + staged.prior_ms + (time.perf_counter() - staged.t0) * 1e3
         batch = request.kind == "map" and request.array is not None and request.array.ndim == 4
@@ -432,14 +503,17 @@ class Classifier:
         same centre and prepare again, so the result is that of the whole grid."""
         state, where = kw.pop("scan")
         try:
-            p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
+            p = prepare(volume, self.predictor.pipeline, limits=self.limits, sampling_check=self.sampling_check, **kw)
             shape = np.array(self.predictor.pipeline.shape)
-            needed = np.ceil((shape + 2 * np.maximum(4, shape // 8)) / min(1.0, p.report["resample_factor"])) + 2
+            # The smallest factor the map is resampled by: its own, or a sampling-check variant's.
+            factors = [p.report["resample_factor"], *(t / p.report["oversampling"] for t in p.variant_oversampling)]
+            needed = np.ceil((shape + 2 * np.maximum(4, shape // 8)) / min(1.0, *factors)) + 2
             box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
             if np.any((needed > box) & (box < grid)):
                 qmap, where = self.orthonormaliser.finish_window(
                     state, np.maximum(box, needed).astype(int), centre=where["window_centre"], close=False)
-                p = prepare(qmap.volume, self.predictor.pipeline, limits=self.limits, **kw)
+                p = prepare(qmap.volume, self.predictor.pipeline, limits=self.limits,
+                            sampling_check=self.sampling_check, **kw)
         finally:
             state.total = np.empty(0)  # the sums are spent
         p.report["scan_window"] = where
@@ -472,13 +546,14 @@ class Classifier:
 
     def _prepare(self, volumes: np.ndarray, kw: dict):
         t0 = time.perf_counter()
-        prepared, warnings, reports = [], [], []
+        prepared, warnings, reports, variants = [], [], [], []
         for volume in volumes:
             if "scan" in kw:
                 p = self._prepare_scan(volume, dict(kw))
             else:
-                p = prepare(volume, self.predictor.pipeline, limits=self.limits, **kw)
+                p = prepare(volume, self.predictor.pipeline, limits=self.limits, sampling_check=self.sampling_check, **kw)
             prepared.append(p.array)
             warnings.append(p.warnings)
             reports.append(p.report)
-        return np.stack(prepared), warnings, reports, (time.perf_counter() - t0) * 1e3
+            variants.append((p.variant_oversampling, p.variants))
+        return np.stack(prepared), warnings, reports, (time.perf_counter() - t0) * 1e3, variants

@@ -152,8 +152,14 @@ class Reloader:
         path = resolve_model(model or self.configured_model)
         predictor = Predictor(path, **getattr(old.predictor, "load_options", {"provider": old.predictor.requested_provider}))
         # Warms up; keeps the geometry mappings already built (a scan after a reload is not a cold start).
+        cross_check = old.cross_check
+        if cross_check is not None and cross_check.pipeline != predictor.pipeline:
+            log.warning("reload: the cross-check model %s prepares maps differently from the new model; dropped",
+                        cross_check.describe()["name"])
+            cross_check = None
         new = Classifier(predictor, limits=old.limits, data_root=old.data_root, overlap=old.overlap,
-                         orthonormaliser=old.orthonormaliser)
+                         orthonormaliser=old.orthonormaliser, sampling_check=old.sampling_check,
+                         cross_check=cross_check)
         new.stats = old.stats  # counters and latencies cover the whole run
         return new
 

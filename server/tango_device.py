@@ -68,6 +68,9 @@ class LastResult:
     request_id: str = ""
     latency_ms: float = 0.0
     reply: str = ""
+    oversampling: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    crystal_extent_nm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    warnings: tuple[str, ...] = ()
 
 
 def _warm_up(classifier: Classifier) -> None:
@@ -288,8 +291,12 @@ class DefectClassifier(Device):
             self._stats.record(True, reply["timings_ms"]["total"])
             self._log(reply, request, classifier)  # before the reply leaves: a received reply is a logged reply
             text = protocol.encode(reply).decode("utf-8")
+            prep = reply.get("preparation") or {}
             self._last = LastResult(np.asarray(reply["probabilities"], dtype=np.float64), reply["label"],
-                                    request.request_id, float(reply["timings_ms"]["total"]), text)
+                                    request.request_id, float(reply["timings_ms"]["total"]), text,
+                                    np.asarray(prep.get("oversampling_per_axis") or [], dtype=np.float64),
+                                    np.asarray(prep.get("crystal_extent_nm") or [], dtype=np.float64),
+                                    tuple(w["reason"] for w in reply.get("warnings", [])))
             self.push_change_event("probabilities", self._last.probabilities)
             self.push_change_event("label", self._last.label)
             return text
@@ -432,6 +439,19 @@ class DefectClassifier(Device):
     @attribute(dtype=str, doc="the whole JSON reply of the last classification (warnings, timings, preparation)")
     def last_reply(self):
         return self._last.reply
+
+    @attribute(dtype=(float,), max_dim_x=3, doc="oversampling per axis (q_par, q_perp1, q_perp2) of the last map")
+    def oversampling(self):
+        return self._last.oversampling
+
+    @attribute(dtype=(float,), max_dim_x=3, unit="nm",
+               doc="crystal extent per axis implied by the oversampling (empty when the voxel size is unknown)")
+    def crystal_extent_nm(self):
+        return self._last.crystal_extent_nm
+
+    @attribute(dtype=(str,), max_dim_x=32, doc="warning reasons of the last classification (SPEC §4)")
+    def warnings(self):
+        return list(self._last.warnings)
 
 
 def main(args=None):

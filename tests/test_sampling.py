@@ -61,3 +61,128 @@ def test_the_longest_step_as_voxel_leaves_empty_planes_on_an_oblique_lattice(sha
     ortho = Orthonormaliser()
     assert empty_inside(ortho, geometry, grid) < 1e-3  # masked pixels only
     assert empty_inside(ortho, geometry, finer(grid, longest)) > 0.05
+
+
+# -- what a reply says about the sampling ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundled():
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+
+    return {name: Predictor(resolve_model(name), provider="cpu") for name in ("defectscope-3class", "defectscope-2class")}
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Simulated maps (the demo's simulator, seed 7): defect-free, then screws, then edges, 4 of each."""
+    from defectscope.server.demo import make_examples
+
+    maps, rows, _ = make_examples(n_per_class=4, seed=7)
+    return [(np.asarray(m, np.float32), row) for m, row in zip(maps, rows)]
+
+
+def classify_map(classifier, volume, voxel=None) -> dict:
+    from defectscope.server.protocol import Request
+
+    spec = {"axes": ["q_par", "q_perp1", "q_perp2"], "voxel_size": voxel}
+    return classifier.classify(Request("classify", "t", {}, kind="map", array=volume, spec=spec)).reply
+
+
+def reasons(reply) -> list[str]:
+    return [w["reason"] for w in reply["warnings"]]
+
+
+def test_crystal_extent_follows_from_the_oversampling_and_voxel_size():
+    from defectscope.preprocessing.config import PipelineConfig
+    from defectscope.preprocessing.pipeline import prepare
+
+    from test_oversampling import crystal
+
+    volume, true = crystal("polyhedron", 3.0)
+    voxel = [2e-3, 2e-3, 2e-3]
+    report = prepare(volume * 100, PipelineConfig(), voxel_size=voxel).report
+    expected = 2 * np.pi / (true * 2e-3) / 10  # nm
+    np.testing.assert_allclose(report["crystal_extent_nm"], expected, rtol=0.12)
+    assert report["oversampling_resolved"] == [True, True, True]
+    assert prepare(volume * 100, PipelineConfig()).report["crystal_extent_nm"] is None  # no voxel size, no nm
+
+
+def test_stable_answers_pass_the_sampling_check(bundled, examples):
+    """Centred dislocations and defect-free crystals: the same label across the trained range."""
+    from defectscope.server.core import Classifier
+
+    classifier = Classifier(bundled["defectscope-3class"], overlap=False)
+    for volume, row in examples:
+        if row["position"] == "RPD":
+            continue
+        reply = classify_map(classifier, volume)
+        check = reply["preparation"]["sampling_check"]
+        assert check["oversampling"] == [2.3, 3.0, 3.7] and len(check["probabilities"]) == 3
+        assert set(check["labels"]) == {reply["label"]} == {row["label"]}, (row, check)
+        assert "SAMPLING_SENSITIVE" not in reasons(reply)
+
+
+def test_an_answer_that_changes_with_the_sampling_is_flagged(bundled, examples):
+    """A screw near the surface (random position): called edge as sampled, defect-free elsewhere in the
+    trained range. The reply keeps its answer and says it is not reliable."""
+    from defectscope.server.core import Classifier
+
+    classifier = Classifier(bundled["defectscope-3class"], overlap=False)
+    flagged = []
+    for volume, row in examples:
+        reply = classify_map(classifier, volume)
+        labels = reply["preparation"]["sampling_check"]["labels"]
+        assert ("SAMPLING_SENSITIVE" in reasons(reply)) == any(lab != reply["label"] for lab in labels)
+        flagged.append("SAMPLING_SENSITIVE" in reasons(reply))
+    assert any(flagged) and not all(flagged)
+    off = Classifier(bundled["defectscope-3class"], overlap=False, sampling_check=False)
+    reply = classify_map(off, examples[0][0])
+    assert "sampling_check" not in reply["preparation"] and "sampling_check" not in reply["timings_ms"]
+
+
+def test_models_that_disagree_are_said_to(bundled, examples):
+    """With the other bundled model as cross-check, every reply carries its probabilities, and
+    MODELS_DISAGREE exactly where the two P(defective) differ by more than 0.3."""
+    from defectscope.server.core import DISAGREEMENT, Classifier
+
+    three, two = bundled["defectscope-3class"], bundled["defectscope-2class"]
+    classifier = Classifier(three, overlap=False, cross_check=two)
+    for volume, _ in examples:
+        reply = classify_map(classifier, volume)
+        cross = reply["preparation"]["cross_check"]
+        assert cross["model"] == two.describe() and cross["classes"] == list(two.classes)
+        gap = abs((1 - reply["probabilities"][0]) - cross["probabilities"][1])
+        assert ("MODELS_DISAGREE" in reasons(reply)) == (gap > DISAGREEMENT + 1e-3) or abs(gap - DISAGREEMENT) < 1e-3
+
+
+def test_cross_check_needs_the_same_preparation(bundled, tmp_path):
+    from defectscope.model.fixture import build_fixture_model
+    from defectscope.model.predictor import Predictor
+    from defectscope.preprocessing.config import PipelineConfig
+    from defectscope.server.core import Classifier
+
+    other = Predictor(build_fixture_model(tmp_path / "small.onnx", pipeline=PipelineConfig(shape=(32, 32, 32))))
+    with pytest.raises(ValueError, match="pipeline"):
+        Classifier(bundled["defectscope-3class"], cross_check=other)
+
+
+@pytest.fixture(scope="module")
+def measured_scan(shared_data):
+    from defectscope.server.demo import load_measured_scan
+
+    return load_measured_scan()
+
+
+def test_measured_scan_reply_says_what_is_uncertain(bundled, measured_scan):
+    """The 34-ID-C scan through the server's own gridding: its extent in nm per axis, and the warnings that
+    its answer is not reliable (the label changes across the trained range; the autocorrelation floor)."""
+    from defectscope.server.core import Classifier
+    from defectscope.server.protocol import Request
+
+    frames, geometry, mask = measured_scan
+    classifier = Classifier(bundled["defectscope-3class"], overlap=False, cross_check=bundled["defectscope-2class"])
+    reply = classifier.classify(Request("classify", "s54", {}, kind="scan", array=frames, mask=mask,
+                                        spec={"geometry": geometry})).reply
+    prep = reply["preparation"]
+    assert len(prep["crystal_extent_nm"]) == 3 and all(100 < e < 1000 for e in prep["crystal_extent_nm"])
+    assert {"SAMPLING_SENSITIVE", "SAMPLING_UNDETERMINED"} <= set(reasons(reply))

@@ -319,6 +319,12 @@ def test_classify_file_raw_scan_with_the_device_preset_equals_zeromq_scan(device
     with Client(make_server().endpoint, timeout_s=30, retries=0) as client:
         by_zmq = client.classify_scan(scan_frames(), {**SCAN_GEOMETRY, "preset": "aps-34idc"})
     assert reply["probabilities"] == by_zmq["probabilities"]
+    # The sampling the device saw, per axis, and the crystal extent it implies (a scan has its voxel size).
+    prep = reply["preparation"]
+    assert list(device.oversampling) == pytest.approx(prep["oversampling_per_axis"])
+    assert len(prep["crystal_extent_nm"]) == 3 and all(e > 0 for e in prep["crystal_extent_nm"])
+    assert list(device.crystal_extent_nm) == pytest.approx(prep["crystal_extent_nm"])
+    assert list(device.warnings) == [w["reason"] for w in reply["warnings"]]
 
 
 def test_commands_answer_inside_the_tango_timeout(device):
