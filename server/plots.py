@@ -35,13 +35,44 @@ def slice_panel(axes_row, prepared: np.ndarray, floor: float = 1e-5) -> None:
         ax.tick_params(labelsize=6)
 
 
+def sampling_caption(reply: dict) -> str:
+    """What the preparation found of the map's sampling: oversampling per axis, the resampling, the crystal
+    extent it implies, and the warnings that qualify the answer."""
+    prep = reply.get("preparation") or {}
+    parts = []
+    if prep.get("oversampling_per_axis"):
+        parts.append("oversampling " + ", ".join(f"{s:.2f}" for s in prep["oversampling_per_axis"])
+                     + (f" (resampled x{prep['resample_factor']:.2f})" if prep.get("resample_factor", 1.0) != 1.0 else ""))
+    if prep.get("crystal_extent_nm"):
+        parts.append("crystal " + " x ".join(f"{e:.0f}" for e in prep["crystal_extent_nm"]) + " nm")
+    warnings = [w["reason"] for w in reply.get("warnings", [])]
+    if warnings:
+        parts.append("warnings: " + ", ".join(warnings))
+    return "  ·  ".join(parts)
+
+
+def fringe_bars(axes_row, reply: dict) -> None:
+    """On each slice, a bar one fringe period long along each of its two axes (the oversampling after
+    resampling, in voxels of the prepared map): what the network was shown as the crystal's size."""
+    prep = reply.get("preparation") or {}
+    if not prep.get("oversampling_per_axis"):
+        return
+    period = np.asarray(prep["oversampling_per_axis"], float) * float(prep.get("resample_factor", 1.0))
+    pairs = ((1, 2), (0, 2), (0, 1))  # (rows, columns) of each slice, as slice_panel draws them
+    for ax, (ry, rx) in zip(axes_row, pairs):
+        ax.plot([2, 2 + period[rx]], [2, 2], color="white", lw=1.5)
+        ax.plot([2, 2], [2, 2 + period[ry]], color="white", lw=1.5)
+
+
 def plot_prepared(prepared: np.ndarray, reply: dict, out: str, title: str = "") -> None:
-    """One map, its probabilities in the title; written as PNG to ``out``."""
+    """One map, its probabilities in the title, its sampling under it (``sampling_caption``, one fringe
+    period drawn on each slice); written as PNG to ``out``."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.5))
     slice_panel(axes, prepared)
+    fringe_bars(axes, reply)
     probs = ", ".join(f"{c} {p:.2f}" for c, p in zip(reply["classes"], reply["probabilities"]))
-    fig.suptitle(f"{title}  →  {reply['label']}  ({probs})", fontsize=9)
+    fig.suptitle(f"{title}  →  {reply['label']}  ({probs})\n{sampling_caption(reply)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -11,6 +11,7 @@ from scipy import ndimage
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.qspace import Grid, canonical_frame, natural_grid
 
+from conftest import SHARED_DATA as SHARED
 from test_orthonormalise import synthetic_geometry
 
 
@@ -186,3 +187,44 @@ def test_measured_scan_reply_says_what_is_uncertain(bundled, measured_scan):
     prep = reply["preparation"]
     assert len(prep["crystal_extent_nm"]) == 3 and all(100 < e < 1000 for e in prep["crystal_extent_nm"])
     assert {"SAMPLING_SENSITIVE", "SAMPLING_UNDETERMINED"} <= set(reasons(reply))
+
+
+# -- the invariance table (python -m defectscope.training.invariance), as a property ---------------------
+@pytest.fixture(scope="module")
+def invariance():
+    from defectscope.training import invariance
+
+    return invariance.run(["defectscope-3class", "defectscope-2class"])
+
+
+def test_no_two_unflagged_answers_contradict_each_other(invariance):
+    """Across 1x/2x/3x gridding or binning, crops and gap masks of each dataset (measured ones when
+    ../shared/data is there), and across both models: the answers given without a warning that they are
+    unreliable never say defect-free for one variant and defective for another."""
+    from defectscope.training.invariance import UNRELIABLE
+
+    assert {"cdinn", "aps34idc", "sixs"} <= set(invariance["datasets"]) or not (SHARED.is_dir())
+    for name, entry in invariance["datasets"].items():
+        assert entry["honest"], (name, {v: {m: (r.get("label"), [w for w in r.get("warnings", []) if w in UNRELIABLE])
+                                            for m, r in by.items()} for v, by in entry["variants"].items()})
+
+
+def test_crops_around_the_peak_change_nothing(invariance):
+    for name, entry in invariance["datasets"].items():
+        variants = entry["variants"]
+        base = variants.get(f"{name} gridded x1") or variants["x1"]
+        for variant, by_model in variants.items():
+            if "crop" in variant and "crop 48" not in variant:  # crops that hold the model's window and margin
+                for m, r in by_model.items():
+                    assert r["probabilities"] == pytest.approx(base[m]["probabilities"], abs=1e-3), (name, variant, m)
+
+
+def test_simulated_answers_that_pass_the_checks_are_right(invariance):
+    for name, entry in invariance["datasets"].items():
+        if not name.startswith("simulated"):
+            continue
+        truth = name.split()[1]
+        for variant, by_model in entry["variants"].items():
+            for m, r in by_model.items():
+                if "label" in r and not set(r["warnings"]) & {"SAMPLING_SENSITIVE", "MODELS_DISAGREE"}:
+                    assert (r["label"] == "defect_free") == (truth == "defect_free"), (name, variant, m, r["label"])
