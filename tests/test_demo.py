@@ -22,7 +22,7 @@ def test_demo_runs_and_stops_the_server_cleanly(tmp_path, fixture_model):
     table = (tmp_path / "demo_table.txt").read_text().splitlines()
     assert table[0].split()[:3] == ["example", "true", "predicted"]
     rows = table[2:]
-    assert len(rows) == 6 and {r.split()[-6] for r in rows} <= {"defect_free", "screw", "edge"}
-    assert sorted(r.split()[-7] for r in rows) == sorted(["defect_free", "screw", "edge"] * 2)
+    assert len(rows) == 6 and {r.split()[-7] for r in rows} <= {"defect_free", "screw", "edge"}
+    assert sorted(r.split()[-8] for r in rows) == sorted(["defect_free", "screw", "edge"] * 2)
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "server stopped cleanly (exit code 0)" in out.stdout
