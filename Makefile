@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test test-slow serve bench install clean tango-db
 
@@ -15,11 +16,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[cpu,test,train]"
 	touch $@
 
+# `make demo` needs only the serving install (no TensorFlow, finufft or Dask): on a fresh clone .venv gets
+# just that; `make test` adds the rest to the same .venv.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $@
+
 install: $(STAMP)
 
-# The main job: serve the bundled 3-class model, classify simulated examples of each class (and the
-# measured 34-ID-C scan when ../shared/data is there) through the real client; table + demo_out/demo.png.
-demo: $(STAMP)
+# The main job: serve the bundled 3-class model, classify the bundled simulated examples of each class
+# (and the measured 34-ID-C scan when ../shared/data is there) through the real client; table +
+# demo_out/demo.png.
+demo: $(DEMO_STAMP)
 	$(BIN)/defectscope demo
 
 test: $(STAMP)

@@ -1,29 +1,43 @@
-"""``defectscope demo``: the whole product on this machine, in one command.
+"""``defectscope demo``: the whole product on this machine, in one command, with only the serving install.
 
-Starts ``defectscope serve`` on the bundled 3-class model as a separate process, makes example patterns
-of each class with the simulator (seeded, no network), sends them through the real ZeroMQ client, prints
-a table (true class, predicted class, probabilities, latency), writes a figure in the style of the
-paper's Fig. 4 (three log-scale slices per example with its probabilities), classifies the measured
-APS 34-ID-C scan when ``../shared/data`` is beside the project, and stops the server with SIGTERM.
+Starts ``defectscope serve`` on the bundled 3-class model as a separate process, sends the bundled example
+patterns of each class through the real ZeroMQ client, prints a table (true class, predicted class,
+probabilities, latency), writes a figure in the style of the paper's Fig. 4 (three log-scale slices per
+example with its probabilities; needs matplotlib, the ``[demo]`` extra), classifies the measured APS
+34-ID-C scan when ``../shared/data`` is beside the project, and stops the server with SIGTERM.
+
+The example patterns are simulated once, not on each run (the simulator needs the training install:
+finufft, Dask), and shipped in the package as ``defectscope/examples/demo_examples.npz``. They were made,
+and are remade after a change to the simulator, with::
+
+    python -m defectscope.server.demo --write-examples
+
+``tests/test_demo.py`` reruns that command and checks that the shipped file holds what it writes.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import importlib.util
+import io
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from defectscope.errors import DefectscopeError, Internal
+import defectscope
+from defectscope.errors import Internal
 
 DEMO_SEED = 2021
 EXAMPLES_PER_CLASS = 2
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES_FILE = Path(defectscope.__file__).resolve().parent / "examples" / "demo_examples.npz"
+WRITE_COMMAND = "python -m defectscope.server.demo --write-examples"
 
 
 def make_examples(n_per_class: int = EXAMPLES_PER_CLASS, seed: int = DEMO_SEED):
@@ -42,6 +56,39 @@ def make_examples(n_per_class: int = EXAMPLES_PER_CLASS, seed: int = DEMO_SEED):
             rows = [{"label": ds.classes[ds.labels[i]], "element": params["element"][i].decode(),
                      "position": params["position_mode"][i].decode()} for i in order]
             return counts, rows, ds.classes
+
+
+def write_examples(path: str | Path = EXAMPLES_FILE, n_per_class: int = EXAMPLES_PER_CLASS,
+                   seed: int = DEMO_SEED) -> Path:
+    """Simulate the demo's examples (``make_examples``) into ``path``: an .npz of plain arrays (no pickled
+    objects), counts as uint32, with the seed, the simulator version and the command that made it."""
+    from defectscope.training.simulator import SIMULATOR_VERSION
+
+    counts, rows, classes = make_examples(n_per_class, seed)
+    arrays = {"counts": np.stack(counts).astype("<u4"),
+              **{key: np.array([r[key] for r in rows]) for key in ("label", "element", "position")},
+              "classes": np.array(classes), "seed": np.array(seed, dtype="<i8"),
+              "simulator_version": np.array(SIMULATOR_VERSION), "command": np.array(WRITE_COMMAND)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # np.savez_compressed, but with a fixed date in the zip entries: rerunning the command on the same
+    # machine rewrites the same bytes, so git shows a change only when the examples changed.
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    return path
+
+
+def load_examples(path: str | Path = EXAMPLES_FILE):
+    """The shipped example patterns, as ``make_examples`` returns them; imports nothing from the simulator."""
+    with np.load(path, allow_pickle=False) as z:
+        counts = list(z["counts"])
+        rows = [{"label": str(lab), "element": str(el), "position": str(pos)}
+                for lab, el, pos in zip(z["label"], z["element"], z["position"])]
+        return counts, rows, [str(c) for c in z["classes"]]
 
 
 class ServedModel:
@@ -117,8 +164,9 @@ def run_demo(model: str | None = None, out_dir: str | Path = "demo_out", measure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("making example patterns with the simulator (seed %d) ..." % DEMO_SEED, flush=True)
-    counts, params, _ = make_examples()
+    print(f"classifying the bundled example patterns (simulated once, seed {DEMO_SEED}: {WRITE_COMMAND})",
+          flush=True)
+    counts, params, _ = load_examples()
     server = ServedModel(model)
     print(server.banner, flush=True)
     results = []
@@ -143,11 +191,15 @@ def run_demo(model: str | None = None, out_dir: str | Path = "demo_out", measure
     table = format_table(results, classes)
     print(table)
     (out_dir / "demo_table.txt").write_text(table + "\n")
-    png = out_dir / "demo.png"
-    plot_examples(results, png)
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = out_dir / "demo.png"
+        plot_examples(results, png)
+        figure = f"figure: {png}"
+    else:
+        figure = "no figure (it needs matplotlib: pip install 'defectscope[demo]')"
     correct = sum(r["true"] == r["predicted"] for r in results if r["true"] != "unknown")
     simulated = sum(r["true"] != "unknown" for r in results)
-    print(f"\n{correct}/{simulated} simulated examples classified correctly; figure: {png}; table: {out_dir / 'demo_table.txt'}")
+    print(f"\n{correct}/{simulated} simulated examples classified correctly; {figure}; table: {out_dir / 'demo_table.txt'}")
     print(f"server stopped cleanly (exit code {code})" if code == 0 else f"server exit code {code}")
     return 0 if code == 0 else 1
 
@@ -161,3 +213,20 @@ def _row(name: str, true: str, reply: dict, t0: float) -> dict:
 
 def cmd_demo(args) -> int:
     return run_demo(args.model, args.out, measured=not args.no_measured)
+
+
+def main(argv=None) -> int:
+    """``python -m defectscope.server.demo --write-examples [--path P]``: remake the shipped examples."""
+    parser = argparse.ArgumentParser(prog="python -m defectscope.server.demo", description=main.__doc__)
+    parser.add_argument("--write-examples", action="store_true", required=True,
+                        help=f"simulate {EXAMPLES_PER_CLASS} patterns per class (seed {DEMO_SEED}); needs the "
+                             "training install")
+    parser.add_argument("--path", default=str(EXAMPLES_FILE), help="where to write them (default: %(default)s)")
+    args = parser.parse_args(argv)
+    path = write_examples(args.path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
