@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # `make demo` needs only the serving install (no TensorFlow, finufft or Dask): on a fresh clone .venv gets
 # just that; `make test` adds the rest to the same .venv.
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[demo]"
+	$(BIN)/python -m pip install -q -e ".[cpu,demo]"
 	touch $@
 
 install: $(STAMP)

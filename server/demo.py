@@ -196,7 +196,7 @@ def run_demo(model: str | None = None, out_dir: str | Path = "demo_out", measure
         plot_examples(results, png)
         figure = f"figure: {png}"
     else:
-        figure = "no figure (it needs matplotlib: pip install 'defectscope[demo]')"
+        figure = "no figure (it needs matplotlib: pip install 'defectscope[cpu,demo]')"
     correct = sum(r["true"] == r["predicted"] for r in results if r["true"] != "unknown")
     simulated = sum(r["true"] != "unknown" for r in results)
     print(f"\n{correct}/{simulated} simulated examples classified correctly; {figure}; table: {out_dir / 'demo_table.txt'}")
