@@ -180,3 +180,12 @@ def test_relax_all_resumes_and_runs_in_worker_processes(tmp_path):
     for record in records:
         assert math.isfinite(record["energy_final_ev"]) and record["potential"]["name"] == potentials.CHOSEN[
             record["configuration"]["element"]]
+
+
+def test_a_dislocation_that_glides_out_is_reported_as_gone(tmp_path):
+    # An edge in a 4 nm Al crystal (high stacking-fault energy, tiny Peierls stress) is pulled out by its
+    # image forces within the paper's stopping rule: no interior core atom and no fault remain.
+    record = relax.relax_configuration(_configuration("edge", element="Al"), tmp_path).record
+    assert record["cna_initial"]["other"] > record["cna_final"]["other"]
+    assert record["interior_defect_atoms"] == 0 and record["cna_final"]["hcp"] == 0
+    assert record["state"] == "left" and record["dislocation_left_crystal"] is True

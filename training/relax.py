@@ -533,7 +533,8 @@ def _report(progress: bool, record: dict) -> None:
         c = record["configuration"]
         print(json.dumps({"index": c["index"], "element": c["element"], "kind": c["kind"], "mode": c["position_mode"],
                           "atoms": record["n_atoms"], "cg_iterations": record["cg_iterations"], "state": record["state"],
-                          "hcp": record["cna_final"]["hcp"], "seconds": record["seconds_total"]}), flush=True)
+                          "hcp": record["cna_final"]["hcp"], "width": record.get("stacking_fault_width_angstrom"),
+                          "seconds": record["seconds_total"]}), flush=True)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -547,26 +548,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m defectscope.training.relax",
                                 description="Relax the first N configurations of a simulator config (cached, resumable) "
                                             "and write their records and timings.")
-    p.add_argument("--n", type=int, required=True, help="configurations 0 .. N-1")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--n", type=int, help="configurations 0 .. N-1")
+    which.add_argument("--index", type=int, action="append", help="this configuration (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default=None, help="simulator config file (JSON/TOML); default: the built-in paper mix")
     p.add_argument("--cache-dir", required=True, help="where relaxed configurations go (outside the repository)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=None, help="write the records and a timing summary here (JSON)")
+    defaults = RelaxationConfig()
+    p.add_argument("--energy-tolerance", type=float, default=defaults.energy_tolerance)
+    p.add_argument("--force-tolerance", type=float, default=defaults.force_tolerance_ev_per_angstrom, help="eV/Å")
+    p.add_argument("--max-iterations", type=int, default=defaults.max_iterations)
     args = p.parse_args(argv)
+    relax_cfg = RelaxationConfig(energy_tolerance=args.energy_tolerance, force_tolerance_ev_per_angstrom=args.force_tolerance,
+                                 max_iterations=args.max_iterations, max_evaluations=max(defaults.max_evaluations,
+                                                                                         10 * args.max_iterations))
     from defectscope.training.sim_config import load_config
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = load_config(args.config) if args.config else SimulationConfig()
-    confs = simulator_configurations(cfg, args.seed, range(args.n))
+    confs = simulator_configurations(cfg, args.seed, args.index if args.index else range(args.n))
     t0 = time.perf_counter()
-    records = relax_all(confs, args.cache_dir, workers=args.workers, progress=True)
+    records = relax_all(confs, args.cache_dir, relax_cfg, workers=args.workers, progress=True)
     wall = time.perf_counter() - t0
     fresh = [r for r in records if not r.get("from_cache")]
     summary = {
         "command": " ".join(["python -m defectscope.training.relax", *(argv if argv is not None else sys.argv[1:])]),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg(),
-        "workers": args.workers, "wall_seconds": round(wall, 1), "relaxed_now": len(fresh), "from_cache": len(records) - len(fresh),
+        "stopping_rule": relax_cfg.stopping_rule(), "workers": args.workers, "wall_seconds": round(wall, 1), "relaxed_now": len(fresh), "from_cache": len(records) - len(fresh),
         "seconds_per_configuration": round(float(np.mean([r["seconds_total"] for r in fresh])), 2) if fresh else None,
         "atoms_mean": round(float(np.mean([r["n_atoms"] for r in records]))) if records else None,
         "records": records,
