@@ -38,19 +38,16 @@ def cmd_serve(args) -> int:
             read_token_file(args.reload_token_file)
         except ReloadTokenError as exc:
             return _fail(str(exc))
-    predictor = Predictor(resolve_model(args.model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
-                          intra_op_threads=args.threads)
-    limits = Limits(queue_length=args.queue)
-    cross_check = None
-    if args.cross_check != "none":
-        from defectscope.model.registry import cross_check_for
+    def load(model):
+        return Predictor(resolve_model(model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
+                         intra_op_threads=args.threads)
 
-        other = cross_check_for(args.model) if args.cross_check == "auto" else resolve_model(args.cross_check)
-        if other is not None:
-            cross_check = Predictor(other, provider=args.provider, on_missing_cuda=args.on_missing_cuda,
-                                    intra_op_threads=args.threads)
-    classifier = Classifier(predictor, limits=limits, data_root=args.data_root, cross_check=cross_check,
-                            sampling_check=not args.no_sampling_check)
+    predictors = served_models(args, load)
+    limits = Limits(queue_length=args.queue)
+    models = {name: Classifier(p, limits=limits, data_root=args.data_root, sampling_check=not args.no_sampling_check,
+                               cross_check=cross_checker(args, name, p, predictors, load))
+              for name, p in predictors.items()}
+    predictor = next(iter(predictors.values()))
     results = None
     if args.results:
         from defectscope.server.results import ResultsLog, ResultsLogError
@@ -59,7 +56,7 @@ def cmd_serve(args) -> int:
             results = ResultsLog(args.results, server="zmq", replay_window=args.replay_window)
         except ResultsLogError as exc:
             return _fail(str(exc))
-    server = Server(classifier, args.bind, workers=args.workers, batch_max=args.batch_max, drain_s=args.drain_s,
+    server = Server(models, args.bind, workers=args.workers, batch_max=args.batch_max, drain_s=args.drain_s,
                     results=results,
                     curve_secret_file=args.curve_secret, curve_allow_dir=args.curve_allow,
                     reload_token_file=args.reload_token_file)
@@ -79,6 +76,44 @@ def cmd_serve(args) -> int:
         results.close()
     print("defectscope stopped", flush=True)
     return 0
+
+
+def served_models(args, load) -> dict:
+    """The models ``serve`` loads, by the name requests give them (their card's): ``--model`` and every
+    ``--also-model``; without ``--model``, the bundled models (3-class first: the default)."""
+    from defectscope.model.registry import DEFAULT_MODEL, bundled_models
+
+    if args.model is None:
+        names = [DEFAULT_MODEL, *(n for n in bundled_models() if n != DEFAULT_MODEL)]
+    else:
+        names = [args.model]
+    predictors: dict = {}
+    for model in [*names, *(args.also_model or [])]:
+        predictor = load(model)
+        name = predictor.describe()["name"]
+        if name in predictors:
+            raise DefectscopeError(f"two models are named {name!r} (their cards' name): serve one of them")
+        predictors[name] = predictor
+    return predictors
+
+
+def cross_checker(args, name: str, predictor, served: dict, load):
+    """The model that cross-checks ``name`` (``Classifier(cross_check=...)``): ``--cross-check MODEL``, or
+    with ``auto`` a served model of the other kind (3-class for 2-class and back), else the other bundled
+    one; None with ``none`` or when there is none with the same preparation."""
+    from defectscope.model.registry import cross_check_for, resolve_model
+
+    if args.cross_check == "none":
+        return None
+    if args.cross_check != "auto":
+        other = load(resolve_model(args.cross_check))
+    else:
+        other = next((p for n, p in served.items() if n != name and len(p.classes) != len(predictor.classes)
+                      and p.pipeline == predictor.pipeline), None)
+        if other is None:
+            path = cross_check_for(predictor.path)
+            other = load(path) if path is not None else None
+    return other if other is not None and other.pipeline == predictor.pipeline else None
 
 
 # -- classify ----------------------------------------------------------------------------------------
@@ -198,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the ZeroMQ server")
     model_opts(p)
+    p.add_argument("--also-model", action="append", metavar="MODEL",
+                   help="serve this model too (repeatable); requests name it with \"model\": its card's name. "
+                        "Without --model the bundled models are served, defectscope-3class the default")
     p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (tcp://127.0.0.1:* picks a free port)")
     p.add_argument("--data-root", help="directory that 'file' requests may read (off when absent)")
     p.add_argument("--results", help="HDF5 results log: one row per reply, flushed, readable while serving (SWMR)")

@@ -123,34 +123,41 @@ class Client:
         self._connect()
 
     # -- conveniences -----------------------------------------------------------------------------
-    def info(self) -> dict:
-        return self.request({"op": "info"})[0]
+    def info(self, model: str | None = None) -> dict:
+        """The server's description; ``models`` lists every model it serves. ``model``: describe that one."""
+        return self.request({"op": "info", **_model(model)})[0]
 
-    def health(self) -> dict:
-        return self.request({"op": "health"})[0]
+    def health(self, model: str | None = None) -> dict:
+        return self.request({"op": "health", **_model(model)})[0]
 
-    def reload(self, token: str, model: str | None = None, *, timeout_s: float = 300.0,
+    def reload(self, token: str, model: str | None = None, *, name: str | None = None, timeout_s: float = 300.0,
                request_id: str | None = None) -> dict:
-        """Swap the server's model: ``model`` is a ``.onnx`` path on the server or a bundled name (None: the
-        model path the server was started with, read again). Returns the reply (``model``,
-        ``previous_model``, ``load_ms``); raises ``Unauthorized`` (wrong token, reload not enabled) or
-        ``ModelUnavailable`` (the new model does not load; the old one keeps serving). Not retried: a second
-        reload while the first still loads would get ``BUSY``."""
+        """Swap a served model: ``name`` says which (default: the server's default model), ``model`` what to
+        load there, a ``.onnx`` path on the server or a bundled name (None: the file it was started from, read
+        again). Returns the reply (``model``, ``previous_model``, ``served_as``, ``load_ms``); raises
+        ``Unauthorized`` (wrong token, reload not enabled) or ``ModelUnavailable`` (the new model does not
+        load; the old one keeps serving). Not retried: a second reload while the first still loads would get
+        ``BUSY``."""
         header = {"op": "reload", "auth": {"token": token}}
-        if model is not None:
+        if name is not None:
+            header["model"] = str(name)
+            if model is not None:
+                header["path"] = str(model)
+        elif model is not None:
             header["model"] = str(model)
         if request_id:
             header["request_id"] = request_id
         return self.request(header, timeout_s=timeout_s, retries=0)[0]
 
     def classify(self, volume: np.ndarray, axes: Sequence[str] = CANONICAL_AXES, *, voxel_size=None,
-                 q_direction=None, intensity: str | None = None, request_id: str | None = None,
-                 return_prepared: bool = False, raise_on_error: bool = True) -> dict:
+                 q_direction=None, intensity: str | None = None, model: str | None = None,
+                 request_id: str | None = None, return_prepared: bool = False, raise_on_error: bool = True) -> dict:
         """Classify one map ``[n0,n1,n2]`` or a batch ``[B,n0,n1,n2]``; adds ``prepared`` array if asked.
 
         ``intensity``: what the numbers are (SPEC §4): ``"counts"`` (the default: photon counts),
         ``"relative"`` (a scaled intensity, e.g. maximum 1) or ``"amplitude"`` (sqrt(I)). The same keyword
-        is taken by ``classify_scan``, ``classify_scan_stream`` and ``classify_file``."""
+        is taken by ``classify_scan``, ``classify_scan_stream`` and ``classify_file``, and so is ``model``:
+        the name of the served model to answer (``info()["models"]``; default: the server's default)."""
         volume = _wire_array(volume)
         spec = {"kind": "map", "shape": list(volume.shape), "dtype": volume.dtype.str, "axes": list(axes),
                 **_intensity(intensity)}
@@ -158,15 +165,15 @@ class Client:
             spec["voxel_size"] = [float(v) for v in voxel_size]
         if q_direction is not None:
             spec["q_direction"] = [float(v) for v in q_direction]
-        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}}
+        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}, **_model(model)}
         if request_id:
             header["request_id"] = request_id
         reply, extra = self.request(header, [memoryview(volume).cast("B")], raise_on_error=raise_on_error)
         return _attach_prepared(reply, extra)
 
     def classify_scan(self, frames, geometry: dict, *, mask: np.ndarray | None = None, per_frame: bool = True,
-                      intensity: str | None = None, request_id: str | None = None, return_prepared: bool = False,
-                      raise_on_error: bool = True) -> dict:
+                      intensity: str | None = None, model: str | None = None, request_id: str | None = None,
+                      return_prepared: bool = False, raise_on_error: bool = True) -> dict:
         """Classify a raw rocking scan ``[n_frames, rows, cols]`` (or a list of frames) with its geometry."""
         if isinstance(frames, np.ndarray):
             stack = _wire_array(frames)
@@ -181,7 +188,7 @@ class Client:
             m = np.ascontiguousarray(mask, dtype=np.uint8)
             spec["mask"] = {"shape": list(m.shape), "dtype": "|u1"}
             parts.append(memoryview(m).cast("B"))
-        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}}
+        header = {"op": "classify", "input": spec, "options": {"return_prepared": return_prepared}, **_model(model)}
         if request_id:
             header["request_id"] = request_id
         reply, extra = self.request(header, parts, raise_on_error=raise_on_error)
@@ -189,7 +196,7 @@ class Client:
 
     def classify_scan_stream(self, frames, geometry: dict, *, n_frames: int | None = None, frame_shape=None,
                              dtype=None, mask: np.ndarray | None = None, intensity: str | None = None,
-                             request_id: str | None = None, return_prepared: bool = False,
+                             model: str | None = None, request_id: str | None = None, return_prepared: bool = False,
                              raise_on_error: bool = True) -> dict:
         """Send a scan frame by frame as it is measured (streamed scan, see ``server.protocol``).
 
@@ -211,7 +218,7 @@ class Client:
             spec["mask"] = {"shape": list(m.shape), "dtype": "|u1"}
             parts.append(memoryview(m).cast("B"))
         header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid, "input": spec,
-                  "options": {"return_prepared": return_prepared}}
+                  "options": {"return_prepared": return_prepared}, **_model(model)}
         self._send_or_raise([b"", json.dumps(header).encode("utf-8"), *parts], rid)
         wire_dtype = np.dtype(spec["dtype"])
         frame = first
@@ -260,7 +267,7 @@ class Client:
             return reply, parts[1:]
 
     def classify_file(self, path: str, dataset: str | None = None, *, geometry: dict | None = None,
-                      axes: Sequence[str] | None = None, intensity: str | None = None,
+                      axes: Sequence[str] | None = None, intensity: str | None = None, model: str | None = None,
                       request_id: str | None = None) -> dict:
         spec = {"kind": "file", "path": str(path), **_intensity(intensity)}
         if dataset:
@@ -269,10 +276,15 @@ class Client:
             spec["geometry"] = geometry
         if axes:
             spec["axes"] = list(axes)
-        header = {"op": "classify", "input": spec}
+        header = {"op": "classify", "input": spec, **_model(model)}
         if request_id:
             header["request_id"] = request_id
         return self.request(header)[0]
+
+
+def _model(model: str | None) -> dict:
+    """The header's ``model`` entry (none for the server's default model)."""
+    return {} if model is None else {"model": str(model)}
 
 
 def _intensity(intensity: str | None) -> dict:

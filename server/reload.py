@@ -41,7 +41,6 @@ import threading
 import time
 from pathlib import Path
 
-import zmq
 
 from defectscope import PROTOCOL
 from defectscope.errors import BadMessage, Busy, DefectscopeError, ModelUnavailable, Unauthorized, incident
@@ -83,6 +82,12 @@ def read_token_file(path: str | Path) -> bytes:
     return token
 
 
+def _model_string(value, key: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_MODEL_CHARS or "\x00" in value):
+        raise BadMessage(f"'{key}' must be a model path or name (a string of 1 to {MAX_MODEL_CHARS} characters)")
+    return value
+
+
 class Reloader:
     """The ``reload`` op of one ``zmq_server.Server``: checks on the I/O thread, the load in a thread."""
 
@@ -90,61 +95,61 @@ class Reloader:
         self.server = server
         self._token = read_token_file(token_file)
         self.token_file = str(token_file)
+        # The file each served model was started from: a reload without a new file reads it again.
+        models = getattr(server, "models", None) or {None: server.classifier}
+        self.configured = {name: str(c.predictor.path) for name, c in models.items()}
         self.configured_model = str(server.classifier.predictor.path)
         self._running = threading.Lock()
         log.info("reload enabled (token from %s); a reload without 'model' re-reads %s", self.token_file,
                  self.configured_model)
 
     # -- on the I/O thread ------------------------------------------------------------------------
-    def check(self, header: dict) -> str | None:
-        """Raise ``Unauthorized`` unless the header carries the token; return the requested model (or None)."""
+    def check(self, header: dict) -> tuple[str, str | None]:
+        """Raise ``Unauthorized`` unless the header carries the token; return ``(slot, file)``: which served
+        model to replace and the model file or bundled name to load there (None: its configured file).
+
+        ``model`` naming a served model reloads that one (from ``path`` when given); any other ``model`` is
+        a file or bundled name loaded in place of the default model."""
         auth = header.get("auth")
         token = auth.get("token") if isinstance(auth, dict) else None
         if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), self._token):
             raise Unauthorized("reload needs a valid auth.token" if token is not None else "reload needs auth.token")
-        model = header.get("model")
-        if model is not None and (not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS
-                                  or "\x00" in model):
-            raise BadMessage(f"'model' must be a model path or bundled name (a string of 1 to {MAX_MODEL_CHARS} characters)")
-        return model
+        model, path = (_model_string(header.get(key), key) for key in ("model", "path"))
+        if model in self.server.models:
+            return model, path
+        if path is not None:
+            raise BadMessage(f"'path' goes with 'model' naming a served model ({', '.join(self.server.models)})")
+        return self.server.default_model, model
 
     def start(self, envelope, header: dict, rid: str) -> None:
         """Check the request (raising its error reason) and start the load; the reply is sent when done."""
-        model = self.check(header)
-        if self.server._draining.is_set():
+        slot, model = self.check(header)
+        if self.server.draining:
             raise Busy("server is shutting down and accepts no new work")
         if not self._running.acquire(blocking=False):
             raise Busy("a reload is already running; try again when it has answered")
         try:
-            with self.server._in_flight_lock:  # a stop(drain=True) waits for this reply too
-                self.server._in_flight += 1
-            threading.Thread(target=self._run, args=(envelope, rid, model), name="defectscope-reload",
+            self.server.begin_work()  # a stop(drain=True) waits for this reply too
+            threading.Thread(target=self._run, args=(envelope, rid, slot, model), name="defectscope-reload",
                              daemon=True).start()
         except BaseException:
             self._running.release()
             raise
 
     # -- in the background ------------------------------------------------------------------------
-    def _run(self, envelope, rid: str, model: str | None) -> None:
+    def _run(self, envelope, rid: str, slot: str, model: str | None) -> None:
         try:
             try:
-                reply = self.reload(rid, model)
+                reply = self.reload(rid, model, slot)
             except Exception as exc:  # a bug must still give the one reply
                 reply = protocol.error_reply(rid, incident(exc, f"reload {rid}", log))
-            push = self.server._ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 1000)
-            try:
-                push.connect(self.server._replies_addr)
-                push.send_multipart([*envelope, protocol.encode(reply)], copy=False)
-            finally:
-                push.close()
+            self.server.send_reply([*envelope, protocol.encode(reply)])
         finally:
-            with self.server._in_flight_lock:
-                self.server._in_flight -= 1
+            self.server.end_work()
             self._running.release()
 
     def load(self, model: str | None, old):
-        """A new, warmed-up ``Classifier`` for ``model`` (None: the configured one), like ``old``."""
+        """A new, warmed-up ``Classifier`` for ``model`` (None: the default model's configured file), like ``old``."""
         from defectscope.model.predictor import Predictor
         from defectscope.model.registry import resolve_model
         from defectscope.server.core import Classifier
@@ -163,14 +168,16 @@ class Reloader:
         new.stats = old.stats  # counters and latencies cover the whole run
         return new
 
-    def reload(self, rid: str, model: str | None) -> dict:
-        """Load, check and swap; the reply. Never leaves the server without a working model."""
+    def reload(self, rid: str, model: str | None, slot: str | None = None) -> dict:
+        """Load, check and swap served model ``slot`` (default: the default model); the reply. Never leaves
+        the server without a working model; the other models serve throughout."""
         t0 = time.perf_counter()
-        old = self.server.classifier
+        slot = slot or self.server.default_model
+        old = self.server.models[slot]
         before = old.predictor.describe()
-        wanted = model or self.configured_model
+        wanted = model or self.configured[slot]
         try:
-            new = self.load(model, old)
+            new = self.load(wanted, old)
         except Exception as exc:
             if isinstance(exc, ModelUnavailable):
                 reason = exc.message
@@ -184,7 +191,7 @@ class Reloader:
                       before["version"], before["sha256"], reason)
             return protocol.error_reply(rid, ModelUnavailable(
                 f"reload of {wanted!r} refused, model {before['name']} {before['version']} keeps serving: {reason}"))
-        self.server.classifier = new  # the swap: one assignment; a request holds the classifier it started on
+        self.server.replace_model(slot, new)  # the swap: one assignment; a request holds the classifier it started on
         after = new.predictor.describe()
         load_ms = (time.perf_counter() - t0) * 1e3
         old.stats.record_reload(True, **{"from": before, "to": after, "load_ms": round(load_ms, 1)})
@@ -192,4 +199,5 @@ class Reloader:
                  before["name"], before["version"], before["sha256"], after["name"], after["version"],
                  after["sha256"], new.predictor.path, new.predictor.provider, load_ms)
         return {"protocol": PROTOCOL, "request_id": rid, "ok": True, "model": after, "previous_model": before,
-                "provider": new.predictor.provider, "path": str(new.predictor.path), "load_ms": round(load_ms, 1)}
+                "served_as": slot, "provider": new.predictor.provider, "path": str(new.predictor.path),
+                "load_ms": round(load_ms, 1)}

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import zmq
 
 from defectscope.errors import BadMessage, Busy, DefectscopeError, ShapeMismatch, incident
 from defectscope.server import protocol
@@ -178,9 +177,7 @@ class StreamGridder:
 
     # -- gridding thread ------------------------------------------------------------------------
     def _loop(self) -> None:
-        push = self.server._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(self.server._replies_addr)
+        push = self.server.reply_socket()
         scans: dict[tuple, object] = {}  # key -> core.ScanStream
         try:
             while True:
@@ -201,7 +198,9 @@ class StreamGridder:
             scans.pop(stream.key, None)
             return
         # A stream is classified by the model it began with, even if a reload happens meanwhile.
-        classifier, scan = scans.get(stream.key, (self.server.classifier, None))
+        classifier, scan = scans.get(stream.key, (None, None))
+        if classifier is None:  # the model the stream's first message named (checked when it opened)
+            classifier = self.server.classifier_for(stream.request.header)[1]
         try:
             if kind == "begin":
                 if self.registry.is_open(stream):  # not closed while it waited in the queue
@@ -222,7 +221,7 @@ class StreamGridder:
             outcome.reply["timings_ms"]["after_last_frame"] = round((time.perf_counter() - t_received) * 1e3, 3)
             if self.registry.close(stream.key) is not None:
                 classifier.stats.record(True, outcome.reply["timings_ms"]["total"])
-                self.server._logged(outcome.reply, stream.request)
+                self.server.log_reply(outcome.reply, stream.request)
                 push.send_multipart([*stream.envelope, protocol.encode(outcome.reply), *outcome.frames], copy=False)
         except Exception as exc:
             scans.pop(stream.key, None)
@@ -230,5 +229,5 @@ class StreamGridder:
                 exc = incident(exc, f"stream {stream.key[1]}", log)
             if self.registry.close(stream.key) is not None:
                 classifier.stats.record(False, reason=exc.reason)
-                reply = self.server._logged(protocol.error_reply(stream.key[1], exc), stream.request)
+                reply = self.server.log_reply(protocol.error_reply(stream.key[1], exc), stream.request)
                 push.send_multipart([*stream.envelope, protocol.encode(reply)], copy=False)

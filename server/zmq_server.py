@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Mapping
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ import uuid
 import zmq
 
 from defectscope import PROTOCOL
-from defectscope.errors import BadMessage, Busy, DefectscopeError, Unauthorized, incident
+from defectscope.errors import BadMessage, Busy, DefectscopeError, ModelUnavailable, Unauthorized, incident
 from defectscope.server import protocol
 from defectscope.server.core import Classifier
 from defectscope.server.reload import Reloader
@@ -39,6 +40,11 @@ from defectscope.server.streams import StreamGridder
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
+
+
+def _name(classifier) -> str:
+    """A classifier's model name (its card's), as requests name it."""
+    return classifier.predictor.describe()["name"]
 
 
 def _batchable(item) -> bool:
@@ -67,9 +73,19 @@ class Server:
         and flushed before it is sent, so the log holds every answer a client could have seen; it also
         makes request ids idempotent (a repeated ok request is replayed from it, see the module doc).
         ``reload_token_file``: enables the ``reload`` op for requests carrying the secret in this file,
-        which must be ``chmod 600`` (``server.reload.ReloadTokenError``, a ``ValueError``, otherwise)."""
-        self.classifier = classifier
-        self.limits = classifier.limits
+        which must be ``chmod 600`` (``server.reload.ReloadTokenError``, a ``ValueError``, otherwise).
+
+        ``classifier``: one ``Classifier``, or several by name (``{name: Classifier}``, the first is the
+        default): a request names one with ``"model": NAME`` in its header (SPEC §4), the default answers
+        otherwise, ``info`` lists them all, and ``reload`` swaps one while the others serve."""
+        models = dict(classifier) if isinstance(classifier, Mapping) else {_name(classifier): classifier}
+        if not models:
+            raise ValueError("a server needs at least one model")
+        if len({c.limits for c in models.values()}) != 1:
+            raise ValueError("every model of one server must apply the same limits")
+        self.models: dict = models
+        self.default_model = next(iter(models))
+        self.limits = next(iter(models.values())).limits
         self.bind = bind
         self.n_workers = max(1, int(workers))
         # Up to this many single-map requests already queued are inferred in one call (1: never batch).
@@ -126,6 +142,75 @@ class Server:
 
     def _stream_pending(self) -> int:
         return self._streams.pending if self._streams is not None else 0
+
+    # -- for the parts that work beside the I/O loop (server.streams, server.reload) -----------------
+    @property
+    def draining(self) -> bool:
+        """Stopping: new work is refused."""
+        return self._draining.is_set()
+
+    def begin_work(self) -> None:
+        """Count work done outside the queue as in flight (``health`` queue depth; a draining stop waits)."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+
+    def end_work(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+
+    def send_reply(self, frames) -> None:
+        """Send reply frames (envelope first) from any thread: the I/O loop forwards them to the client."""
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        try:
+            push.connect(self._replies_addr)
+            push.send_multipart(frames, copy=False)
+        finally:
+            push.close()
+
+    def reply_socket(self):
+        """A PUSH socket to the I/O loop for a thread that sends many replies (close it when done)."""
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._replies_addr)
+        return push
+
+    def log_reply(self, reply: dict, request=None) -> dict:
+        """Append a reply to the results log, if any, before it is sent (``_logged``); returns it."""
+        return self._logged(reply, request)
+
+    # -- models -----------------------------------------------------------------------------------
+    @property
+    def classifier(self):
+        """The default model's classifier."""
+        return self.models[self.default_model]
+
+    @classifier.setter
+    def classifier(self, new) -> None:
+        self.replace_model(self.default_model, new)
+
+    def replace_model(self, name: str, new) -> None:
+        """Serve ``new`` as model ``name`` (one assignment: a request holds the classifier it started on);
+        the other models' cross-check moves to it when it was their cross-check."""
+        old = self.models[name]
+        self.models[name] = new
+        for other in self.models.values():
+            if other is not new and other.cross_check is old.predictor:
+                other.cross_check = new.predictor
+
+    def describe_models(self) -> dict:
+        """Every model served, by the name requests give: identity, classes and card; which is the default."""
+        return {name: {"model": c.predictor.describe(), "classes": list(c.predictor.classes), "card": c.predictor.card,
+                       "default": name == self.default_model} for name, c in self.models.items()}
+
+    def classifier_for(self, header: dict):
+        """``(name, classifier)`` of the model a request's header names (``"model"``), else the default."""
+        name = header.get("model") if isinstance(header, dict) else None
+        if name is None:
+            return self.default_model, self.classifier
+        if not isinstance(name, str) or name not in self.models:
+            raise ModelUnavailable(f"model {str(name)[:64]!r} is not served here; models: {', '.join(self.models)}")
+        return name, self.models[name]
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + self._in_flight
@@ -234,11 +319,15 @@ class Server:
             raw = body[0].bytes if len(body[0]) <= protocol.MAX_HEADER_BYTES else body[0].buffer
             header, rid, op = protocol.parse_header(raw)
             if op == "info":
-                return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True, **self.classifier.info()})
+                _, classifier = self.classifier_for(header)
+                return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True,
+                                                     **classifier.info(), "models": self.describe_models()})
             if op == "health":
+                _, classifier = self.classifier_for(header)
                 state = "DRAINING" if self._draining.is_set() else "ON"
                 return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True,
-                                                     **self.classifier.health(self.queue_depth(), state),
+                                                     **classifier.health(self.queue_depth(), state),
+                                                     "models": {n: c.predictor.describe() for n, c in self.models.items()},
                                                      "streams": {"open": len(self._streams.registry),
                                                                  "late_frames_dropped": self._streams.registry.frames_dropped}})
             if op == "reload":
@@ -252,17 +341,18 @@ class Server:
                 return
             if self._draining.is_set():
                 raise Busy("server is shutting down and accepts no new work")
+            name, classifier = self.classifier_for(header)
             request = protocol.parse_classify(header, rid, [f.buffer for f in body[1:]], self.limits)
             if request.kind == "scan" and request.spec.get("stream"):  # frames follow; never replayed
                 return self._streams.begin(envelope, request, (time.perf_counter() - t0) * 1e3)
             # A file's data are read by a worker, never on this thread: its replay is looked up there.
             if self._replaying and request.kind != "file" and replayable(request):
-                reply = self._replayed(request, self.classifier)
+                reply = self._replayed(request, classifier)
                 if reply is not None:
                     return self._send(router, envelope, reply)
             decode_ms = (time.perf_counter() - t0) * 1e3
             try:
-                self._queue.put_nowait((envelope, request, decode_ms))
+                self._queue.put_nowait((envelope, request, decode_ms, name))
             except queue.Full:
                 raise Busy(f"queue full ({self.limits.queue_length} requests waiting); try again") from None
         except DefectscopeError as exc:
@@ -322,10 +412,12 @@ class Server:
                     self._in_flight += len(items)
                 replies = []
                 try:
-                    batch = [i for i in items if _batchable(i)] if len(items) > 1 else []
-                    if len(batch) > 1:
-                        replies += self._answer_many(batch)
-                    replies += [self._answer(*i) for i in items if len(batch) <= 1 or not _batchable(i)]
+                    # Maps for the same model share one inference call; anything else is answered alone.
+                    groups: dict = {}
+                    for i in items:
+                        groups.setdefault(i[3] if _batchable(i) else id(i), []).append(i)
+                    for group in groups.values():
+                        replies += self._answer_many(group) if len(group) > 1 else [self._answer(*group[0])]
                 finally:
                     # Out of flight before the reply leaves: a health asked right after its reply sees the
                     # queue as the client does. A stopping server still forwards these (the loop's finally).
@@ -337,15 +429,16 @@ class Server:
             push.close()
 
     def _answer_many(self, items) -> list[list]:
-        """Replies to single-map requests inferred together (``Classifier.classify_many``)."""
-        classifier = self.classifier
-        outcomes = classifier.classify_many([(request, decode_ms) for _, request, decode_ms in items])
-        return [self._answer(envelope, request, decode_ms, outcome=o, classifier=classifier)
-                for (envelope, request, decode_ms), o in zip(items, outcomes)]
+        """Replies to single-map requests for one model inferred together (``Classifier.classify_many``)."""
+        classifier = self.models[items[0][3]]
+        outcomes = classifier.classify_many([(request, decode_ms) for _, request, decode_ms, _ in items])
+        return [self._answer(envelope, request, decode_ms, name, outcome=o, classifier=classifier)
+                for (envelope, request, decode_ms, name), o in zip(items, outcomes)]
 
-    def _answer(self, envelope, request, decode_ms, *, outcome=None, classifier=None) -> list:
-        """The reply frames to one request (``outcome``: its result or error, when already computed)."""
-        classifier = classifier or self.classifier
+    def _answer(self, envelope, request, decode_ms, name=None, *, outcome=None, classifier=None) -> list:
+        """The reply frames to one request for model ``name`` (``outcome``: its result or error, when
+        already computed). The classifier is read when the work starts: a reload meanwhile is honoured."""
+        classifier = classifier or self.models.get(name) or self.classifier
         stats = classifier.stats
         try:
             if isinstance(outcome, Exception):

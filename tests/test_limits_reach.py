@@ -15,8 +15,8 @@ from defectscope.server.zmq_server import Server
 
 from test_orthonormalise import make_synthetic
 
-# The synthetic scan grids to 67 x 57 x 66 = 252 054 voxels: over this limit, under the default one.
-SMALL = Limits(max_map_voxels=200_000)
+# The synthetic scan grids to 52 x 44 x 51 = 116 688 voxels: over this limit, under the default one.
+SMALL = Limits(max_map_voxels=100_000)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def test_server_limits_bound_the_scan_grid(small_predictor, scan):
     server = Server(classifier, "tcp://127.0.0.1:*").start()
     try:
         with Client(server.endpoint, timeout_s=60, retries=0) as client:
-            with pytest.raises(TooLarge, match="200000 voxels"):
+            with pytest.raises(TooLarge, match="100000 voxels"):
                 client.classify_scan(frames, geometry)
-            with pytest.raises(TooLarge, match="200000 voxels"):
+            with pytest.raises(TooLarge, match="100000 voxels"):
                 client.classify_scan_stream(frames, geometry)
     finally:
         server.stop(drain=False)
