@@ -30,7 +30,7 @@ those of SPEC §4 ``input.geometry`` (``preset``, ``energy_eV``, ``distance_m``,
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import dataclasses
 import math
 import os
@@ -439,33 +439,33 @@ def geometry_from_dict(d: dict, *, n_frames: int | None = None, frame_shape=None
 
 
 # xrayutilities reads ``xrayutilities.conf`` from the working directory when it is first imported; a stray
-# file there could change its defaults (verbosity, threads, wavelength). Import it from a neutral directory.
-_XU_LOCK = threading.Lock()
+# file there could change its defaults (verbosity, threads, wavelength). It is imported once, with this
+# module, from a neutral directory: a module import, so before any server thread exists, never inside
+# one (changing the working directory is process-wide). ``~/.xrayutilities.conf`` is still read; it can
+# change verbosity and thread count, never our results: energy and every geometry value are passed.
+def _import_xrayutilities():
+    if "xrayutilities" in sys.modules:
+        return sys.modules["xrayutilities"]
+    if not Path("xrayutilities.conf").exists():
+        import xrayutilities
+        return xrayutilities
+    if threading.active_count() > 1:  # imported late, by a thread: never move the process's directory then
+        logging.getLogger(__name__).warning("./xrayutilities.conf is read by xrayutilities (imported with threads "
+                                            "running); it cannot change results, all values are passed")
+        import xrayutilities
+        return xrayutilities
+    previous = os.getcwd()
+    os.chdir(Path(__file__).resolve().parent)
+    try:
+        import xrayutilities
+    finally:
+        os.chdir(previous)
+    return xrayutilities
+
+
+_XU = _import_xrayutilities()
 
 
 def load_xrayutilities():
-    """Import xrayutilities without letting a ``xrayutilities.conf`` in the working directory configure it.
-
-    (``~/.xrayutilities.conf`` is still read; it can change verbosity and thread count, never our results,
-    because energy and every geometry value are always passed explicitly.)
-    """
-    if "xrayutilities" in sys.modules:
-        return sys.modules["xrayutilities"]
-    with _XU_LOCK:
-        if "xrayutilities" in sys.modules:
-            return sys.modules["xrayutilities"]
-        context = _working_directory(Path(__file__).resolve().parent) if Path("xrayutilities.conf").exists() else contextlib.nullcontext()
-        with context:
-            import xrayutilities
-        return xrayutilities
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path):
-    # contextlib.chdir exists only from Python 3.11; the package supports 3.10.
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+    """xrayutilities, as imported with this module (see above)."""
+    return _XU

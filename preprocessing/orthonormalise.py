@@ -434,12 +434,7 @@ class Orthonormaliser:
         return inverse
 
 
-_DEFAULT: Orthonormaliser | None = None
-
-
 def orthonormalise(frames, geometry, *, mask=None, grid: Grid | None = None) -> QMap:
-    """Fast path with a process-wide cache (256 voxels per axis at most, default limits)."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Orthonormaliser()
-    return _DEFAULT(frames, geometry, mask=mask, grid=grid)
+    """One scan, once (256 voxels per axis at most, default limits). Its mapping is not kept: to grid
+    several scans of one geometry, hold an ``Orthonormaliser``, whose cache makes the next ones fast."""
+    return Orthonormaliser()(frames, geometry, mask=mask, grid=grid)

@@ -33,17 +33,23 @@ from defectscope.server.protocol import DTYPE_ALIASES, Request
 
 log = logging.getLogger(__name__)
 
-_ESTIMATOR: concurrent.futures.ThreadPoolExecutor | None = None  # see Classifier._overlapped
-_ESTIMATOR_LOCK = threading.Lock()
+class _EstimatorPool:
+    """The threads a classifier runs oversampling estimates on (``Classifier._overlapped``), made on first
+    use and made again in a forked child (which inherits the pool object but none of its threads). A
+    reload hands the old classifier's pool to the new one, so reloads do not add threads."""
 
+    def __init__(self, workers: int = 4):
+        self.workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = None
+        self._lock = threading.Lock()
 
-def _forget_estimator() -> None:
-    """A forked child has the pool object but none of its threads: it must make its own."""
-    global _ESTIMATOR, _ESTIMATOR_LOCK
-    _ESTIMATOR, _ESTIMATOR_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_estimator)
+    def get(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="defectscope-estimate")
+                self._pid = os.getpid()
+            return self._pool
 
 
 @dataclass
@@ -171,7 +177,7 @@ class Classifier:
 
     def __init__(self, predictor: Predictor, *, limits: Limits | None = None, data_root: str | Path | None = None,
                  overlap: bool = True, orthonormaliser: Orthonormaliser | None = None, sampling_check: bool = True,
-                 cross_check: Predictor | None = None):
+                 cross_check: Predictor | None = None, estimators: _EstimatorPool | None = None):
         """``overlap``: run a single map's oversampling estimate beside its centring and inference
         (``_overlapped``; same answer, lower latency on a machine with a free core). ``orthonormaliser``:
         one to share (a reload hands the old classifier's over, with its cache of geometry mappings); it
@@ -188,6 +194,7 @@ class Classifier:
         self.overlap = overlap
         self.sampling_check = sampling_check
         self.cross_check = cross_check
+        self.estimators = estimators or _EstimatorPool()
         self.limits = limits or Limits()
         self.data_root = Path(data_root).resolve() if data_root else None
         self.stats = Stats()
@@ -321,13 +328,8 @@ class Classifier:
                          timings, t0, prior_ms, [variants])
         return self._reply(staged, probabilities)
 
-    @staticmethod
-    def _estimator() -> concurrent.futures.ThreadPoolExecutor:
-        global _ESTIMATOR
-        with _ESTIMATOR_LOCK:
-            if _ESTIMATOR is None:  # one for the process: classifiers come and go with reloads
-                _ESTIMATOR = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="defectscope-estimate")
-            return _ESTIMATOR
+    def _estimator(self) -> concurrent.futures.ThreadPoolExecutor:
+        return self.estimators.get()
 
     def classify_many(self, items: list[tuple[Request, float]]) -> list:
         """Single-map requests ``(request, decode_ms)`` prepared one by one and inferred in one ONNX Runtime

@@ -164,7 +164,7 @@ class Reloader:
             cross_check = None
         new = Classifier(predictor, limits=old.limits, data_root=old.data_root, overlap=old.overlap,
                          orthonormaliser=old.orthonormaliser, sampling_check=old.sampling_check,
-                         cross_check=cross_check)
+                         cross_check=cross_check, estimators=getattr(old, "estimators", None))
         new.stats = old.stats  # counters and latencies cover the whole run
         return new
 
