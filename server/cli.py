@@ -164,20 +164,13 @@ def cmd_classify(args) -> int:
         from defectscope.model.predictor import Predictor
         from defectscope.model.registry import resolve_model
         from defectscope.server.core import Classifier
-        from defectscope.server.protocol import Request
-
         classifier = Classifier(Predictor(resolve_model(args.model), provider=args.provider))
+        options = dict(intensity=args.intensity, request_id=Path(args.input).name, return_prepared=bool(args.plot))
         if kind == "map":
-            request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="map",
-                              array=np.asarray(payload), spec={"axes": axes, "intensity": args.intensity},
-                              options={"return_prepared": bool(args.plot)})
+            outcome = classifier.classify_map(np.asarray(payload), axes=axes, **options)
         else:
             frames, geometry, mask = payload
-            request = Request(op="classify", request_id=Path(args.input).name, header={}, kind="scan",
-                              array=np.asarray(frames), mask=mask,
-                              spec={"geometry": geometry, "intensity": args.intensity},
-                              options={"return_prepared": bool(args.plot)})
-        outcome = classifier.classify(request)
+            outcome = classifier.classify_scan(np.asarray(frames), geometry, mask=mask, **options)
         reply = outcome.reply
         prepared = np.frombuffer(outcome.frames[0], "<f4").reshape(reply.pop("prepared")["shape"]) if args.plot else None
     if args.plot and prepared is not None:

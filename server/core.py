@@ -1,7 +1,10 @@
-"""The transport-free core: a request in, a reply out (pyFAI ``Worker`` style).
+"""The transport-free core: a job in, a reply out (pyFAI ``Worker`` style).
 
-The ZeroMQ server, the Tango device and the local CLI all call ``Classifier``; none of them prepares or
-predicts on its own, so the same map gives the same probabilities whichever door it came in by.
+``Classifier.classify_map`` / ``classify_scan`` / ``classify_file`` and the streamed-scan trio
+(``begin_stream``, ``add_frame``, ``finish_stream``) take typed inputs; ``classify`` runs a ``server.job.Job``,
+which is what the ZeroMQ protocol parses a request into. The ZeroMQ server, the Tango device and the local
+CLI all call it; none of them prepares or predicts on its own, so the same map gives the same probabilities
+whichever door it came in by. Nothing here knows the wire format.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity, make_warning
-from defectscope.server.protocol import DTYPE_ALIASES, Request
+from defectscope.server.job import Job, file_job, map_job, scan_job
+
+Request = Job  # the name the core's signatures use: a job, parsed from the wire or made by the typed calls
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +252,30 @@ class Classifier:
         }
 
     def classify(self, request: Request, decode_ms: float = 0.0) -> Outcome:
-        """Run one classify request; raises only ``DefectscopeError``."""
+        """Run one job (``server.job``); raises only ``DefectscopeError``."""
         return self._run(request, lambda: self._volumes(request), decode_ms)
+
+    # -- the typed calls: each makes its job (``server.job``) and runs it -------------------------------
+    def classify_map(self, volume, *, axes=CANONICAL_AXES, voxel_size=None, q_direction=None,
+                     intensity: str = "counts", request_id: str | None = None,
+                     return_prepared: bool = False) -> Outcome:
+        """One map ``[n0,n1,n2]`` or a batch ``[B,n0,n1,n2]`` (SPEC §4 ``map``)."""
+        return self.classify(map_job(volume, axes=axes, voxel_size=voxel_size, q_direction=q_direction,
+                                     intensity=intensity, request_id=request_id, return_prepared=return_prepared))
+
+    def classify_scan(self, frames, geometry: dict, *, mask=None, intensity: str = "counts",
+                      request_id: str | None = None, return_prepared: bool = False) -> Outcome:
+        """A raw rocking scan and its geometry (SPEC §4 ``scan``), gridded by this classifier."""
+        return self.classify(scan_job(frames, geometry, mask=mask, intensity=intensity, request_id=request_id,
+                                      return_prepared=return_prepared))
+
+    def classify_file(self, path: str, *, dataset: str | None = None, geometry: dict | None = None, axes=None,
+                      voxel_size=None, q_direction=None, intensity: str = "counts", request_id: str | None = None,
+                      return_prepared: bool = False) -> Outcome:
+        """A map (or with ``geometry`` a raw scan) in a file under the data root (SPEC §4 ``file``)."""
+        return self.classify(file_job(path, dataset=dataset, geometry=geometry, axes=axes, voxel_size=voxel_size,
+                                      q_direction=q_direction, intensity=intensity, request_id=request_id,
+                                      return_prepared=return_prepared))
 
     # -- streamed scans (frames arrive one by one; see server.protocol) -----------------------------
     def begin_stream(self, request: Request) -> "ScanStream":
@@ -262,7 +289,7 @@ class Classifier:
         except Exception as exc:
             raise incident(exc, f"opening stream {request.request_id}", log) from None
         return ScanStream(request=request, state=state, frame_shape=(rows, cols),
-                          dtype=np.dtype(DTYPE_ALIASES[request.spec["dtype"]]))
+                          dtype=np.dtype(request.spec["dtype"]))
 
     def add_frame(self, stream: "ScanStream", index: int, frame: np.ndarray, decode_ms: float = 0.0) -> None:
         t0 = time.perf_counter()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,6 +41,7 @@ from defectscope.errors import (
 )
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.validate import check_intensity, check_scan_size
+from defectscope.server.job import Job
 
 OPS = ("classify", "info", "health", "reload", "frame")
 KINDS = ("map", "scan", "file")
@@ -63,18 +63,8 @@ FILE_INPUT_KEYS = {"kind", "path", "dataset", "geometry", "axes", "q_direction",
 OPTION_KEYS = {"return_prepared"}
 
 
-@dataclass
-class Request:
-    op: str
-    request_id: str
-    header: dict
-    kind: str | None = None
-    # map(s) [n0,n1,n2] / [B,n0,n1,n2], or scan frames [n,rows,cols]; for a file, what was read from it
-    array: np.ndarray | None = None
-    frames: list[np.ndarray] | None = None  # scan sent one buffer per frame
-    mask: np.ndarray | None = None
-    spec: dict = field(default_factory=dict)  # the validated `input` object
-    options: dict = field(default_factory=dict)
+# A parsed classify request is the core's job description (its ``spec``: the validated ``input`` object).
+Request = Job
 
 
 def _json_object(raw: bytes) -> dict:
@@ -235,6 +225,7 @@ def _parse_scan(request: Request, spec: dict, buffers: Sequence, limits: Limits)
     _check_keys(spec, SCAN_INPUT_KEYS, "input")
     shape = _int_list(spec.get("shape"), "input.shape", (3,))
     dtype = _dtype(spec.get("dtype"), DTYPE_ALIASES)
+    spec["dtype"] = dtype.str  # one spelling ("<u2"), whatever alias was sent: the core reads it as is
     n_frames, rows, cols = shape
     check_scan_size(n_frames, rows, cols, limits, where="input.shape")
     if not isinstance(spec.get("geometry"), dict):

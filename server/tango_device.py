@@ -1,7 +1,7 @@
 """Tango device server ``DefectClassifier`` (SPEC §5): a thin adapter over ``server.core.Classifier``.
 
-Commands build the same ``protocol.Request`` the ZeroMQ server builds (through ``protocol.parse_classify``,
-so the same size checks apply) and hand it to the same ``Classifier``; a refusal is the ``DefectscopeError``
+Commands make the same ``server.job.Job`` the ZeroMQ protocol makes (with ``map_job``/``file_job``: no wire
+headers) and hand it to the same ``Classifier``; a refusal is the ``DefectscopeError``
 of the core, re-thrown as a ``DevFailed`` whose reason is the SPEC §4 reason. Nothing is prepared or
 predicted here, so a map gives the same probabilities through Tango and through ZeroMQ.
 
@@ -40,12 +40,14 @@ import tango
 from tango import DevState
 from tango.server import Device, attribute, command, device_property
 
-from defectscope import PROTOCOL
-from defectscope.errors import BadGeometry, BadMessage, Busy, DefectscopeError, ModelUnavailable, ShapeMismatch, incident
+from defectscope.errors import (
+    BadGeometry, BadMessage, Busy, DefectscopeError, ModelUnavailable, ShapeMismatch, TooLarge, incident,
+)
 from defectscope.preprocessing.config import Limits
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.server import protocol
 from defectscope.server.core import Classifier, Stats
+from defectscope.server.job import Job, file_job, map_job
 from defectscope.server.results import ResultsLog, describe_source
 
 log = logging.getLogger(__name__)
@@ -322,19 +324,17 @@ class DefectClassifier(Device):
                              model=predictor.describe() if predictor else None,
                              provider=predictor.provider if predictor else None)
 
-    def _map_request(self, values) -> protocol.Request:
+    def _map_request(self, values) -> Job:
         values = np.ascontiguousarray(values, dtype="<f4").ravel()
         n = int(round(values.size ** (1.0 / 3.0)))
         if values.size == 0 or n**3 != values.size:
             raise ShapeMismatch(f"ClassifyMap takes n^3 values (one cubic map, C order, axes {CANONICAL_AXES}); "
                                 f"got {values.size}, which is not a cube")
-        rid = _new_request_id()
-        header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid,
-                  "input": {"kind": "map", "shape": [n, n, n], "dtype": "<f4", "axes": CANONICAL_AXES}}
-        # Raw bytes, as the ZeroMQ server receives them: the same checks (sizes, dtype) in the same order.
-        return protocol.parse_classify(header, rid, [values.view(np.uint8)], self._limits)
+        if values.size > self._limits.max_map_voxels:
+            raise TooLarge(f"map of {values.size} voxels, limit {self._limits.max_map_voxels}")
+        return map_job(values.reshape(n, n, n), axes=CANONICAL_AXES, request_id=_new_request_id())
 
-    def _file_request(self, text: str) -> protocol.Request:
+    def _file_request(self, text: str) -> Job:
         try:
             args = json.loads(text)
         except ValueError:
@@ -362,8 +362,7 @@ class DefectClassifier(Device):
                 raise BadMessage("geometry is only for kind 'scan' (a raw rocking scan); a 'map' is already in q")
         else:
             raise BadMessage(f"kind {str(kind)[:32]!r} is unknown; ClassifyFile kinds are 'map' and 'scan'")
-        header = {"protocol": PROTOCOL, "op": "classify", "request_id": rid, "input": {"kind": "file", **args}}
-        return protocol.parse_classify(header, rid, [], self._limits)
+        return file_job(args.pop("path", None), request_id=rid, **args)
 
     # -- commands -----------------------------------------------------------------------------------
     @command(dtype_in=str, dtype_out=str,

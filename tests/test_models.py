@@ -115,3 +115,29 @@ def test_models_of_one_server_share_its_limits(predictor, two_class):
 
     with pytest.raises(ValueError, match="same limits"):
         Server({"a": Classifier(predictor), "b": Classifier(Predictor(two_class[0]), limits=Limits(queue_length=3))})
+
+
+def test_the_typed_calls_give_the_wire_answer(server, predictor, tmp_path):
+    """classify_map / classify_file (what the Tango device and the CLI call) and a ZeroMQ request: one answer."""
+    volume = bragg_map(seed=9)
+    np.save(tmp_path / "map.npy", volume)
+    classifier = Classifier(predictor, data_root=tmp_path)
+    by_map = classifier.classify_map(volume).reply
+    by_file = classifier.classify_file("map.npy").reply
+    with Client(server.endpoint, timeout_s=60, retries=0) as c:
+        by_wire = c.classify(volume)
+    assert by_map["probabilities"] == by_file["probabilities"] == by_wire["probabilities"]
+    with pytest.raises(Exception, match="intensity"):
+        classifier.classify_map(volume, intensity="photons")
+
+
+def test_the_core_knows_no_wire_format():
+    import ast
+    from pathlib import Path
+
+    import defectscope.server.core as core
+
+    tree = ast.parse(Path(core.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "defectscope.server.protocol" not in imported and "zmq" not in imported

@@ -146,12 +146,9 @@ def datasets() -> dict:
 def classify(classifier, volume, voxel) -> dict:
     """The serving path's answer (``server.core.Classifier``, sampling check on) for one map."""
     from defectscope.errors import DefectscopeError
-    from defectscope.server.protocol import Request
 
-    spec = {"axes": ["q_par", "q_perp1", "q_perp2"], "voxel_size": voxel}
-    request = Request("classify", "invariance", {}, kind="map", array=np.ascontiguousarray(volume), spec=spec)
     try:
-        reply = classifier.classify(request).reply
+        reply = classifier.classify_map(np.ascontiguousarray(volume), voxel_size=voxel, request_id="invariance").reply
     except DefectscopeError as exc:
         return {"error": f"{exc.reason}: {exc.message}"}
     prep = reply["preparation"]
