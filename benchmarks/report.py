@@ -5,8 +5,8 @@
 Runs ``bench_orthonormalise`` and ``bench_serving`` (each writes its raw JSON to ``benchmarks/out/``), then
 writes ``benchmarks/results.json`` (machine, versions, provider, every figure, each target with its
 measured value and whether it is met) and ``benchmarks/results.md`` (the Markdown table), and replaces the
-block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md with that table, so the
-README's performance figures are always those of the last ``make bench``. ``--skip-run`` rebuilds the
+block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in docs/performance.md with that table, so
+the performance page's figures are always those of the last ``make bench``. ``--skip-run`` rebuilds the
 files from the JSON already in ``benchmarks/out/``.
 """
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
 RESULTS = REPO / "benchmarks" / "results.json"
 TABLE = REPO / "benchmarks" / "results.md"
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "performance.md"  # the page whose bench block holds the table
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 TARGETS = {  # issue 6, on these 2-core machines, ratios measured in the same run
@@ -117,7 +117,7 @@ def markdown(r: dict) -> str:
         b = r["throughput_batched"]
         for t in b["runs"]:
             lines.append(f"| {t['clients']}, batching (`--batch-max {b['batch_max']}`) | {t['per_s']:.1f} | {ms(t['p50_ms'])} | {ms(t['p99_ms'])} | {t['busy']} |")
-    lines += ["", "| target (issue 6) | measured | met | least possible here: inference + transport floor (× bare) |",
+    lines += ["", "| target | measured | met | least possible here: inference + transport floor (× bare) |",
               "|---|---|---|---|"]
     names = {"map_e2e_over_bare": "map end to end / bare inference (p50)",
              "scan_e2e_over_bare": "raw scan end to end / bare inference (p50)",
@@ -133,20 +133,21 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> bool:
-    text = README.read_text()
+def update_page(table: str, page: Path = PAGE) -> bool:
+    """Replace the block between the bench markers of ``page`` with ``table``; False if it has none."""
+    text = page.read_text()
     if START not in text or END not in text:
         return False
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}{END}{tail}")
+    page.write_text(f"{head}{START}\n{table}{END}{tail}")
     return True
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--skip-run", action="store_true", help="only rebuild results.json/.md and README from benchmarks/out")
-    p.add_argument("--quick", action="store_true", help="smoke run: few repetitions (figures not for the README)")
+    p.add_argument("--skip-run", action="store_true", help="only rebuild results.json/.md and docs/performance.md from benchmarks/out")
+    p.add_argument("--quick", action="store_true", help="smoke run: few repetitions (figures not for the docs)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of server and floor (default 1)")
     args = p.parse_args(argv)
     if not args.skip_run:
@@ -166,8 +167,9 @@ def main(argv=None) -> int:
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     TABLE.write_text(table)
     print(table)
+    page = PAGE.relative_to(REPO)
     print(f"-> {RESULTS.relative_to(REPO)}, {TABLE.relative_to(REPO)}"
-          + (", README.md" if update_readme(table) else " (README has no bench markers)"))
+          + (f", {page}" if update_page(table) else f" ({page} has no bench markers)"))
     return 0
 
 
