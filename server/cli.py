@@ -38,6 +38,12 @@ def cmd_serve(args) -> int:
             read_token_file(args.reload_token_file)
         except ReloadTokenError as exc:
             return _fail(str(exc))
+    start_metrics = None
+    if args.metrics_port is not None:  # before the model loads: a missing [metrics] extra is refused at once
+        try:
+            from defectscope.server.metrics import start_metrics
+        except ImportError as exc:
+            return _fail(f"--metrics-port needs prometheus-client (pip install 'defectscope[metrics]'): {exc}")
     def load(model):
         return Predictor(resolve_model(model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
                          intra_op_threads=args.threads)
@@ -61,6 +67,13 @@ def cmd_serve(args) -> int:
                     curve_secret_file=args.curve_secret, curve_allow_dir=args.curve_allow,
                     reload_token_file=args.reload_token_file)
     server.start()
+    try:  # Prometheus (server.metrics, docs/prometheus.md)
+        metrics = start_metrics(server, args.metrics_port, args.metrics_addr) if start_metrics else None
+    except OSError as exc:
+        server.stop(drain=False)
+        if results is not None:
+            results.close()
+        return _fail(f"cannot serve metrics on {args.metrics_addr} port {args.metrics_port}: {exc}")
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -69,9 +82,13 @@ def cmd_serve(args) -> int:
     ident = predictor.describe()
     print(f"defectscope serving on {server.endpoint} model={ident['name']}:{ident['version']} "
           f"provider={predictor.provider}", flush=True)
+    if metrics is not None:
+        print(f"defectscope metrics on {metrics.url}", flush=True)
     while not stopping.wait(0.5):
         pass
     server.stop(drain=True)
+    if metrics is not None:
+        metrics.stop()
     if results is not None:
         results.close()
     print("defectscope stopped", flush=True)
@@ -253,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, default=10.0, help="seconds to finish queued work on SIGTERM")
     p.add_argument("--on-missing-cuda", choices=("degrade", "refuse"), default="degrade",
                    help="with --provider cuda and no GPU: serve on CPU (degraded) or refuse to start")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on http://ADDR:N/metrics (0: a free port, printed at start; "
+                        "needs the [metrics] extra; docs/prometheus.md)")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address of the metrics endpoint (default loopback; 0.0.0.0 for a remote Prometheus)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("classify", help="classify a map or a raw scan, locally or through a server")

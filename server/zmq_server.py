@@ -114,6 +114,10 @@ class Server:
         self.endpoint: str | None = None
         self._streams: StreamGridder | None = None
         self._reloader = Reloader(self, reload_token_file) if reload_token_file else None
+        # Called as ``hook(reply, request)`` for every classify reply (ok or error, computed or streamed;
+        # not replays) as it is logged, before it is sent (``_logged``): e.g. ``server.metrics``. A hook
+        # that raises is logged and the reply still goes out.
+        self.on_reply: list = []
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "Server":
@@ -470,4 +474,9 @@ class Server:
             self.results.append(reply, source=describe_source(request) if request is not None else "",
                                 model=p.describe(), provider=p.provider,
                                 digest=request_digest(request, reply.get("model")) if keep else None)
+        for hook in list(self.on_reply):
+            try:
+                hook(reply, request)
+            except Exception:
+                log.exception("a reply hook failed (the reply is sent regardless)")
         return reply
