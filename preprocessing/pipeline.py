@@ -104,6 +104,18 @@ def prepare(
     return prepared
 
 
+def window_margin(shape) -> np.ndarray:
+    """Voxels of real data read beyond the model's window on every side (centring, resampling)."""
+    return np.array([max(4, int(n) // _MARGIN_FRACTION) for n in shape])
+
+
+def source_extent(shape, factor: float) -> np.ndarray:
+    """Voxels per axis of the source a window of ``shape`` reads when resampled by ``factor``: the window,
+    its margins, and what a factor < 1 (coarser sampling) pulls in from further out."""
+    shape = np.asarray(shape)
+    return np.ceil((shape + 2 * window_margin(shape)) / min(1.0, factor)) + 2
+
+
 class Preparation:
     """``prepare`` in two halves around the oversampling estimate, which reads only ``window``.
 
@@ -130,7 +142,7 @@ class Preparation:
         warnings += clipped
 
         shape = config.shape
-        margin = np.array([max(4, n // _MARGIN_FRACTION) for n in shape])
+        margin = window_margin(shape)
         source = _CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
         source.start(config, np.asarray(shape) + 2 * margin)
         peak = find_peak(source.array, config)

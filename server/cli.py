@@ -165,7 +165,9 @@ def cmd_classify(args) -> int:
     import numpy as np
 
     kind, payload = _load_input(args)
-    axes = args.axes.split(",") if args.axes else ["q_par", "q_perp1", "q_perp2"]
+    from defectscope.preprocessing.frames import CANONICAL_AXES
+
+    axes = args.axes.split(",") if args.axes else list(CANONICAL_AXES)
     if args.server:
         from defectscope.server.client import Client
 

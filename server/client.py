@@ -38,7 +38,7 @@ from defectscope import PROTOCOL
 from defectscope.errors import from_reason
 from defectscope.server.protocol import DTYPE_ALIASES
 
-CANONICAL_AXES = ("q_par", "q_perp1", "q_perp2")
+from defectscope.preprocessing.frames import CANONICAL_AXES  # noqa: E402 (the one definition)
 
 
 class Client:

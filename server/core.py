@@ -29,7 +29,7 @@ from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
 from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
-from defectscope.preprocessing.pipeline import Preparation, prepare
+from defectscope.preprocessing.pipeline import Preparation, prepare, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity, make_warning
 from defectscope.server.job import Job, file_job, map_job, scan_job
@@ -536,7 +536,7 @@ class Classifier:
             shape = np.array(self.predictor.pipeline.shape)
             # The smallest factor the map is resampled by: its own, or a sampling-check variant's.
             factors = [p.report["resample_factor"], *(t / p.report["oversampling"] for t in p.variant_oversampling)]
-            needed = np.ceil((shape + 2 * np.maximum(4, shape // 8)) / min(1.0, *factors)) + 2
+            needed = source_extent(shape, min(factors))
             box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
             if np.any((needed > box) & (box < grid)):
                 qmap, where = self.orthonormaliser.finish_window(

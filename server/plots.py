@@ -9,7 +9,7 @@ import numpy as np
 
 from defectscope.errors import BadMessage
 
-AXIS_NAMES = ("q_par", "q_perp1", "q_perp2")
+from defectscope.preprocessing.frames import CANONICAL_AXES as AXIS_NAMES  # noqa: E402 (the one definition)
 
 
 def _pyplot():

@@ -52,7 +52,7 @@ from defectscope.server.results import ResultsLog, describe_source
 
 log = logging.getLogger(__name__)
 
-CANONICAL_AXES = ["q_par", "q_perp1", "q_perp2"]
+from defectscope.preprocessing.frames import CANONICAL_AXES  # noqa: E402 (the one definition)
 PROVIDERS = ("auto", "cpu", "cuda")
 BUSY_WAIT_S = 1.0      # a classification waits this long for the one running, then BUSY (clients time out at 3 s)
 TEARDOWN_WAIT_S = 2.0  # Init waits this long for a running classification
