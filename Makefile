@@ -40,7 +40,7 @@ serve: $(STAMP)
 	$(BIN)/defectscope serve
 
 # Serving end to end vs bare inference, raw scans, throughput, CURVE, orthonormalisation ->
-# benchmarks/results.json + results.md + the README's performance table; then the simulator's speed.
+# benchmarks/results.json + results.md + the table in docs/performance.md; then the simulator's speed.
 bench: $(STAMP)
 	$(BIN)/python -m defectscope.benchmarks.report
 	$(BIN)/python -m defectscope.benchmarks.bench_simulate

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=16, help="requests waiting before BUSY")
     p.add_argument("--batch-max", type=int, default=1, metavar="N",
                    help="infer up to N queued single-map requests in one call (default 1: no batching; "
-                        "see the README's performance section for what it gains)")
+                        "see docs/performance.md for what it gains)")
     p.add_argument("--drain-s", type=float, default=10.0, help="seconds to finish queued work on SIGTERM")
     p.add_argument("--on-missing-cuda", choices=("degrade", "refuse"), default="degrade",
                    help="with --provider cuda and no GPU: serve on CPU (degraded) or refuse to start")

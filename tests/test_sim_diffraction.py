@@ -87,7 +87,7 @@ def test_peak_maxima_of_centred_dislocations_quick(kind):
 @pytest.mark.parametrize("kind", ["screw", "edge"])
 def test_rpd_lines_within_a_quarter_of_the_lateral_size_give_the_papers_random_position_peak_maxima_quick(kind):
     """rpd_radius_fraction = 0.25 (training/configs/paper_mix_fig15.json) against supplement Fig. 15's RPD
-    figures, 12 Au small configurations; the lines drawn anywhere sit well above them (README, Physics checks)."""
+    figures, 12 Au small configurations; the lines drawn anywhere sit well above them (docs/simulator.md, Physics checks)."""
     s = summarise(peak_maximum_ratios(kind, "RPD", 12, seed=0, rpd_radius_fraction=0.25))
     paper_mean, paper_std = PAPER_PEAK_MAXIMA_PERCENT[(kind, "RPD")]
     assert abs(s["mean_percent"] - paper_mean) <= paper_std, s

@@ -37,7 +37,7 @@ class SimulationConfig:
     cd_radius_fraction: float = 0.10  # CD: line within this fraction of the lateral size from the centre
     # RPD: None = anywhere in the particle (uniform in its volume); a number r = uniform in the part of the
     # volume whose distance to the line through the centroid along t is at most r × the lateral size.
-    # 0.25 reproduces the paper's random-position peak maxima (supplement Fig. 15; README, "Physics checks").
+    # 0.25 reproduces the paper's random-position peak maxima (supplement Fig. 15; docs/experiments.md, "Random positions calibrated to the paper's peak maxima").
     rpd_radius_fraction: float | None = None
     # Reflection: a {111} reflection with g·b ≠ 0; this fraction of defective configurations is simulated
     # at a g·b = 0 reflection instead, and flagged `invisible`.

@@ -11,7 +11,7 @@ to them ("symmetrised"); averaging over several models is an ensemble.
 --out RESULT.json`` prepares every map of the split once per distinct pipeline config (through the
 serving path, as ``evaluate`` does), runs each model on the eight images and writes the accuracy of
 every model alone and symmetrised, and of their ensemble. It measures; the shipped models are
-unchanged by it (README, "Where it errs").
+unchanged by it (docs/experiments.md, "Where the 3-class model errs").
 """
 
 from __future__ import annotations
