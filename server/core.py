@@ -9,14 +9,12 @@ whichever door it came in by. Nothing here knows the wire format.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +29,10 @@ from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
-from defectscope.preprocessing.validate import amplitude_to_intensity, make_warning
-from defectscope.server.job import Job, file_job, map_job, scan_job
+from defectscope.preprocessing.validate import amplitude_to_intensity
+from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling, defective  # noqa: F401
+from defectscope.server.job import Job, Outcome, ScanStream, _Staged, file_job, map_job, scan_job
+from defectscope.server.stats import Stats  # noqa: F401 (imported from here by the adapters)
 
 Request = Job  # the name the core's signatures use: a job, parsed from the wire or made by the typed calls
 
@@ -57,94 +57,6 @@ class _EstimatorPool:
             return self._pool
 
 
-@dataclass
-class Outcome:
-    """A reply header and the extra frames that follow it (the prepared maps, when asked for)."""
-
-    reply: dict
-    frames: list = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Staged:
-    """A request prepared and waiting for its inference (``Classifier._stage``)."""
-
-    request: Request
-    prepared: np.ndarray
-    warnings: list
-    warnings_per: list
-    reports: list
-    timings: dict
-    t0: float
-    prior_ms: float = 0.0
-    variants: list = field(default_factory=list)  # per map: (oversamplings, [k, *shape] or None)
-
-
-@dataclass(eq=False)
-class ScanStream:
-    """A scan being gridded frame by frame (``Classifier.begin_stream``)."""
-
-    request: Request
-    state: object  # preprocessing.orthonormalise.StreamState
-    frame_shape: tuple[int, int]
-    dtype: np.dtype
-    gridding_ms: float = 0.0
-    decode_ms: float = 0.0
-
-
-class Stats:
-    """Counters and a window of recent latencies, for ``health`` and the Tango attributes.
-
-    One ``Stats`` outlives a model reload (the new ``Classifier`` takes the old one's), so the counters
-    cover the whole run. ``replayed``: requests answered from the results log (an earlier reply to the same
-    request id, SPEC §4 retries), counted in ``requests_total`` too. ``reloads``: model reloads that swapped
-    the model (``ok``) or were refused (``failed``), and what the ``last`` one did."""
-
-    def __init__(self, window: int = 1000):
-        self._lock = threading.Lock()
-        self.started = time.time()
-        self.requests_total = 0
-        self.requests_failed = 0
-        self.replayed = 0
-        self.failures_by_reason: collections.Counter = collections.Counter()
-        self._latencies = collections.deque(maxlen=window)
-        self.reloads = {"ok": 0, "failed": 0, "last": None}
-
-    def record(self, ok: bool, total_ms: float | None = None, reason: str | None = None) -> None:
-        with self._lock:
-            self.requests_total += 1
-            if ok and total_ms is not None:
-                self._latencies.append(total_ms)
-            if not ok:
-                self.requests_failed += 1
-                self.failures_by_reason[reason or "INTERNAL"] += 1
-
-    def record_replay(self) -> None:
-        with self._lock:
-            self.requests_total += 1
-            self.replayed += 1
-
-    def record_reload(self, ok: bool, **last) -> None:
-        """Count a reload; ``last``: what it did (``from``/``to`` model identities, or ``error``)."""
-        with self._lock:
-            self.reloads["ok" if ok else "failed"] += 1
-            self.reloads["last"] = {"ok": ok, "time": time.time(), **last}
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            lat = np.array(self._latencies, dtype=float)
-            pct = {f"p{p}": round(float(np.percentile(lat, p)), 3) for p in (50, 90, 99)} if lat.size else {}
-            return {
-                "uptime_s": round(time.time() - self.started, 3),
-                "requests_total": self.requests_total,
-                "requests_failed": self.requests_failed,
-                "failures_by_reason": dict(self.failures_by_reason),
-                "replayed": self.replayed,
-                "reloads": {**self.reloads, "last": dict(self.reloads["last"]) if self.reloads["last"] else None},
-                "latency_ms": {**pct, "window": int(lat.size)},
-            }
-
-
 def open_data_file(root: Path | None, path: str):
     """``(file, name)``: ``path`` under the data root, open for reading, and the name under the root of
     the file opened (``loaders.open_under_root``: no '..', no absolute or symlink escape, nothing outside
@@ -152,19 +64,6 @@ def open_data_file(root: Path | None, path: str):
     if root is None:
         raise PathNotAllowed("file input is disabled on this server (no data root configured)")
     return open_under_root(root, path)
-
-
-# Largest |P(defective) by one model - P(defective) by the other| still called agreement (MODELS_DISAGREE).
-DISAGREEMENT = 0.3
-
-
-def _defective(classes, probabilities) -> float | None:
-    """P(defective) = 1 - P(defect_free) (None without a defect_free class); with no probabilities, whether
-    the classes allow it (True/None)."""
-    classes = list(classes)
-    if "defect_free" not in classes:
-        return None
-    return True if probabilities is None else float(1.0 - probabilities[classes.index("defect_free")])
 
 
 def _intensity(spec: dict) -> str:
@@ -193,7 +92,7 @@ class Classifier:
         disagree on defect-free vs defective by more than ``DISAGREEMENT``, the reply warns ``MODELS_DISAGREE``."""
         if cross_check is not None and cross_check.pipeline != predictor.pipeline:
             raise ValueError("the cross-check model prepares its maps differently (another pipeline)")
-        if cross_check is not None and not (_defective(predictor.classes, None) and _defective(cross_check.classes, None)):
+        if cross_check is not None and not (defective(predictor.classes, None) and defective(cross_check.classes, None)):
             raise ValueError("both models need a 'defect_free' class to be compared")
         self.predictor = predictor
         self.overlap = overlap
@@ -413,52 +312,11 @@ class Classifier:
             raise Internal("the model returned non-finite probabilities")
         return probabilities
 
-    def _check_sampling(self, staged: "_Staged", probabilities: np.ndarray) -> None:
-        """Compare each map's answer with the answers on its sampling variants (``Preparation.sampling_variants``):
-        the variants' labels and probabilities go into its report as ``sampling_check``, and a label that
-        changes with the sampling is warned ``SAMPLING_SENSITIVE``: on such a map the answer is not reliable."""
-        t0 = time.perf_counter()
-        classes = list(self.predictor.classes)
-        for i, (targets, variants) in enumerate(staged.variants):
-            if variants is None:
-                continue
-            answers = self._guarded(staged.request, lambda v=variants: self.predictor.predict(v))
-            labels = [classes[int(k)] for k in np.argmax(answers, axis=1)]
-            label = classes[int(np.argmax(probabilities[i]))]
-            staged.reports[i]["sampling_check"] = {
-                "oversampling": list(targets), "labels": labels,
-                "probabilities": [[round(float(v), 4) for v in row] for row in answers]}
-            if any(other != label for other in labels):
-                shown = ", ".join(f"{lab} at {t:g}" for lab, t in zip(labels, targets))
-                staged.warnings_per[i].append(make_warning(
-                    "SAMPLING_SENSITIVE",
-                    f"the answer {label} changes when the map is sampled elsewhere in the trained range "
-                    f"({shown}): it depends on how the map was gridded and is not reliable"))
-        staged.timings["sampling_check"] = (time.perf_counter() - t0) * 1e3
-
-    def _check_models(self, staged: "_Staged", probabilities: np.ndarray) -> None:
-        """Ask the cross-check model on the same prepared maps; say where the two disagree on whether the
-        crystal is defective (P(defective) = 1 - P(defect_free) for either model)."""
-        t0 = time.perf_counter()
-        other = self.cross_check
-        answers = self._guarded(staged.request, lambda: other.predict(staged.prepared))
-        for i, (mine, theirs) in enumerate(zip(probabilities, answers)):
-            a, b = _defective(self.predictor.classes, mine), _defective(other.classes, theirs)
-            staged.reports[i]["cross_check"] = {"model": other.describe(), "classes": list(other.classes),
-                                                "probabilities": [round(float(v), 4) for v in theirs]}
-            if abs(a - b) > DISAGREEMENT:
-                staged.warnings_per[i].append(make_warning(
-                    "MODELS_DISAGREE",
-                    f"P(defective) is {a:.2f} by {self.predictor.describe()['name']} and {b:.2f} by "
-                    f"{other.describe()['name']}: the two models contradict each other on this map, so neither "
-                    "answer is reliable"))
-        staged.timings["cross_check"] = (time.perf_counter() - t0) * 1e3
-
     def _reply(self, staged: "_Staged", probabilities: np.ndarray) -> Outcome:
         if any(v is not None for _, v in staged.variants):
-            self._check_sampling(staged, probabilities)
+            check_sampling(self.predictor, staged, probabilities, self._guarded)
         if self.cross_check is not None:
-            self._check_models(staged, probabilities)
+            check_models(self.predictor, self.cross_check, staged, probabilities, self._guarded)
         request, prepared, timings = staged.request, staged.prepared, staged.timings
         timings["total"] = timings["decode"] + staged.prior_ms + (time.perf_counter() - staged.t0) * 1e3
         batch = request.kind == "map" and request.array is not None and request.array.ndim == 4

@@ -89,3 +89,39 @@ def file_job(path: str, *, dataset: str | None = None, geometry: dict | None = N
     if axes is not None:
         spec["axes"] = list(axes)
     return Job("classify", _id(request_id), {}, kind="file", spec=spec, options=_options(return_prepared))
+
+
+# -- a job in flight, and what comes back ------------------------------------------------------------
+@dataclass
+class Outcome:
+    """A reply header and the extra frames that follow it (the prepared maps, when asked for)."""
+
+    reply: dict
+    frames: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Staged:
+    """A request prepared and waiting for its inference (``Classifier._stage``)."""
+
+    request: Job
+    prepared: np.ndarray
+    warnings: list
+    warnings_per: list
+    reports: list
+    timings: dict
+    t0: float
+    prior_ms: float = 0.0
+    variants: list = field(default_factory=list)  # per map: (oversamplings, [k, *shape] or None)
+
+
+@dataclass(eq=False)
+class ScanStream:
+    """A scan being gridded frame by frame (``Classifier.begin_stream``)."""
+
+    request: Job
+    state: object  # preprocessing.orthonormalise.StreamState
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+    gridding_ms: float = 0.0
+    decode_ms: float = 0.0

@@ -5,24 +5,18 @@ header itself, answers ``info``/``health`` at once, answers ``BUSY`` at once whe
 hands valid classify requests to the workers, who send their replies back over an inproc PUSH/PULL
 pair. Every request gets exactly one reply; nothing a client sends can stop the loop.
 
-- ``reload`` (SPEC §4, only when enabled and authenticated): ``reload_token_file`` enables it; the new model
-  is loaded and warmed up in a background thread while the loop keeps serving, then ``self.classifier`` is
-  replaced in one assignment (see ``server.reload``). Code that classifies reads ``self.classifier`` once per
-  request (or batch) and uses only that object, so each request runs on exactly one model.
-- Idempotent request ids: with a results log, a classify request whose client-chosen ``request_id`` was
-  already answered ``ok`` with the same input (in this run, or in the log found at start) gets the recorded
-  reply again, marked ``"replayed": true``, instead of a second computation - a client may retry any request
-  after a timeout or a ``kill -9`` of the server. Errors are never replayed, nor requests without a
-  ``request_id`` of their own; the index holds the last ``ResultsLog.replay_window`` ids (default 100 000).
-  A replayed reply has no prepared-map frame (``return_prepared``: a ``PREPARED_NOT_REPLAYED`` warning
-  says so). A retry that arrives while the first attempt is still queued or running is computed again.
+- Several models (``server.models.ModelSet``): a request names one (``"model"``), the default answers
+  otherwise. ``reload`` (``server.reload``, only when enabled and authenticated) loads a new model beside
+  the running ones and swaps it in with one assignment; a request runs on the classifier it was given.
+- Idempotent request ids (``server.results``): with a results log, a retried client-chosen ``request_id``
+  answered ``ok`` for the same input by the same model is answered with the recorded reply, marked
+  ``"replayed": true`` (without its prepared-map frame: ``PREPARED_NOT_REPLAYED``).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Mapping
 import threading
 import time
 import uuid
@@ -30,9 +24,10 @@ import uuid
 import zmq
 
 from defectscope import PROTOCOL
-from defectscope.errors import BadMessage, Busy, DefectscopeError, ModelUnavailable, Unauthorized, incident
+from defectscope.errors import BadMessage, Busy, DefectscopeError, Unauthorized, incident
 from defectscope.server import protocol
 from defectscope.server.core import Classifier
+from defectscope.server.models import ModelSet
 from defectscope.server.reload import Reloader
 from defectscope.server.results import describe_source, replayable, request_digest
 from defectscope.server.streams import StreamGridder
@@ -40,11 +35,6 @@ from defectscope.server.streams import StreamGridder
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
-
-
-def _name(classifier) -> str:
-    """A classifier's model name (its card's), as requests name it."""
-    return classifier.predictor.describe()["name"]
 
 
 def _batchable(item) -> bool:
@@ -78,14 +68,8 @@ class Server:
         ``classifier``: one ``Classifier``, or several by name (``{name: Classifier}``, the first is the
         default): a request names one with ``"model": NAME`` in its header (SPEC §4), the default answers
         otherwise, ``info`` lists them all, and ``reload`` swaps one while the others serve."""
-        models = dict(classifier) if isinstance(classifier, Mapping) else {_name(classifier): classifier}
-        if not models:
-            raise ValueError("a server needs at least one model")
-        if len({c.limits for c in models.values()}) != 1:
-            raise ValueError("every model of one server must apply the same limits")
-        self.models: dict = models
-        self.default_model = next(iter(models))
-        self.limits = next(iter(models.values())).limits
+        self.models = ModelSet(classifier)
+        self.limits = self.classifier.limits
         self.bind = bind
         self.n_workers = max(1, int(workers))
         # Up to this many single-map requests already queued are inferred in one call (1: never batch).
@@ -164,10 +148,8 @@ class Server:
 
     def send_reply(self, frames) -> None:
         """Send reply frames (envelope first) from any thread: the I/O loop forwards them to the client."""
-        push = self._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
+        push = self.reply_socket()
         try:
-            push.connect(self._replies_addr)
             push.send_multipart(frames, copy=False)
         finally:
             push.close()
@@ -183,38 +165,25 @@ class Server:
         """Append a reply to the results log, if any, before it is sent (``_logged``); returns it."""
         return self._logged(reply, request)
 
-    # -- models -----------------------------------------------------------------------------------
+    # -- models (server.models.ModelSet) ----------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        return self.models.default
+
     @property
     def classifier(self):
         """The default model's classifier."""
-        return self.models[self.default_model]
+        return self.models[self.models.default]
 
     @classifier.setter
     def classifier(self, new) -> None:
-        self.replace_model(self.default_model, new)
+        self.models.replace(self.models.default, new)
 
     def replace_model(self, name: str, new) -> None:
-        """Serve ``new`` as model ``name`` (one assignment: a request holds the classifier it started on);
-        the other models' cross-check moves to it when it was their cross-check."""
-        old = self.models[name]
-        self.models[name] = new
-        for other in self.models.values():
-            if other is not new and other.cross_check is old.predictor:
-                other.cross_check = new.predictor
-
-    def describe_models(self) -> dict:
-        """Every model served, by the name requests give: identity, classes and card; which is the default."""
-        return {name: {"model": c.predictor.describe(), "classes": list(c.predictor.classes), "card": c.predictor.card,
-                       "default": name == self.default_model} for name, c in self.models.items()}
+        self.models.replace(name, new)
 
     def classifier_for(self, header: dict):
-        """``(name, classifier)`` of the model a request's header names (``"model"``), else the default."""
-        name = header.get("model") if isinstance(header, dict) else None
-        if name is None:
-            return self.default_model, self.classifier
-        if not isinstance(name, str) or name not in self.models:
-            raise ModelUnavailable(f"model {str(name)[:64]!r} is not served here; models: {', '.join(self.models)}")
-        return name, self.models[name]
+        return self.models.pick(header)
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + self._in_flight
@@ -325,7 +294,7 @@ class Server:
             if op == "info":
                 _, classifier = self.classifier_for(header)
                 return self._send(router, envelope, {"protocol": PROTOCOL, "request_id": rid, "ok": True,
-                                                     **classifier.info(), "models": self.describe_models()})
+                                                     **classifier.info(), "models": self.models.describe()})
             if op == "health":
                 _, classifier = self.classifier_for(header)
                 state = "DRAINING" if self._draining.is_set() else "ON"
@@ -391,9 +360,7 @@ class Server:
 
     # -- workers ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        push = self._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(self._replies_addr)
+        push = self.reply_socket()
         try:
             stop = False
             while not stop:
