@@ -24,10 +24,6 @@ def _fail(message: str) -> int:
 
 # -- serve -------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from defectscope.model.predictor import Predictor
-    from defectscope.model.registry import resolve_model
-    from defectscope.preprocessing.config import Limits
-    from defectscope.server.core import Classifier
     from defectscope.server.zmq_server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,16 +40,8 @@ def cmd_serve(args) -> int:
             from defectscope.server.metrics import start_metrics
         except ImportError as exc:
             return _fail(f"--metrics-port needs prometheus-client (pip install 'defectscope[metrics]'): {exc}")
-    def load(model):
-        return Predictor(resolve_model(model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
-                         intra_op_threads=args.threads)
-
-    predictors = served_models(args, load)
-    limits = Limits(queue_length=args.queue)
-    models = {name: Classifier(p, limits=limits, data_root=args.data_root, sampling_check=not args.no_sampling_check,
-                               cross_check=cross_checker(args, name, p, predictors, load))
-              for name, p in predictors.items()}
-    predictor = next(iter(predictors.values()))
+    models = served_classifiers(args)
+    predictor = next(iter(models.values())).predictor
     results = None
     if args.results:
         from defectscope.server.results import ResultsLog, ResultsLogError
@@ -93,6 +81,24 @@ def cmd_serve(args) -> int:
         results.close()
     print("defectscope stopped", flush=True)
     return 0
+
+
+def served_classifiers(args) -> dict:
+    """name -> ``Classifier`` of every model ``serve`` serves, each with its cross-check (the first: the default)."""
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+    from defectscope.preprocessing.config import Limits
+    from defectscope.server.core import Classifier
+
+    def load(model):
+        return Predictor(resolve_model(model), provider=args.provider, on_missing_cuda=args.on_missing_cuda,
+                         intra_op_threads=args.threads)
+
+    predictors = served_models(args, load)
+    limits = Limits(queue_length=args.queue)
+    return {name: Classifier(p, limits=limits, data_root=args.data_root, sampling_check=not args.no_sampling_check,
+                             cross_check=cross_checker(args, name, p, predictors, load))
+            for name, p in predictors.items()}
 
 
 def served_models(args, load) -> dict:
@@ -232,19 +238,14 @@ def cmd_health(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from defectscope.preprocessing.validate import INTENSITIES  # after main() pinned BLAS (numpy loads here)
+def _model_options(p) -> None:
+    p.add_argument("--model", help="ONNX model file or bundled model name (default: defectscope-3class)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
 
-    parser = argparse.ArgumentParser(prog="defectscope", description="Defect classification of BCDI patterns")
-    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_opts(p):
-        p.add_argument("--model", help="ONNX model file or bundled model name (default: defectscope-3class)")
-        p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the ZeroMQ server")
-    model_opts(p)
+    _model_options(p)
     p.add_argument("--also-model", action="append", metavar="MODEL",
                    help="serve this model too (repeatable); requests name it with \"model\": its card's name. "
                         "Without --model the bundled models are served, defectscope-3class the default")
@@ -279,8 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of the metrics endpoint (default loopback; 0.0.0.0 for a remote Prometheus)")
     p.set_defaults(func=cmd_serve)
 
+
+
+def _add_classify(sub, intensities) -> None:
     p = sub.add_parser("classify", help="classify a map or a raw scan, locally or through a server")
-    model_opts(p)
+    _model_options(p)
     p.add_argument("input", help="map file (.h5/.cxi/.nxs/.npy/.npz/.tif) or raw scan (file, or frames directory with --spec)")
     p.add_argument("--dataset", help="HDF5 dataset path or .npz key")
     p.add_argument("--axes", help="axis names of the map, comma separated (default q_par,q_perp1,q_perp2)")
@@ -291,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dark", help="dark-field TIFF (pixels with dark > 1 are masked)")
     p.add_argument("--whitefield", help="white-field TIFF")
     p.add_argument("--mask-dataset", help="HDF5 dataset of the detector mask of a raw scan")
-    p.add_argument("--intensity", choices=INTENSITIES, default="counts",
+    p.add_argument("--intensity", choices=intensities, default="counts",
                    help="what the numbers are: photon counts (default; count-based checks apply), relative "
                         "(scaled, e.g. maximum 1) or amplitude (sqrt(I), as phase-retrieval tools store maps)")
     p.add_argument("--server", help="classify through a running server, e.g. tcp://127.0.0.1:5557")
@@ -300,8 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     p.set_defaults(func=cmd_classify)
 
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from defectscope.preprocessing.validate import INTENSITIES  # after main() pinned BLAS (numpy loads here)
+
+    parser = argparse.ArgumentParser(prog="defectscope", description="Defect classification of BCDI patterns")
+    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_classify(sub, INTENSITIES)
     p = sub.add_parser("info", help="model card, pipeline and provider (of a model file or a server)")
-    model_opts(p)
+    _model_options(p)
     p.add_argument("--server")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_info)
