@@ -37,6 +37,10 @@ Used by both servers (ZeroMQ and Tango). Design choices, and why:
   retry after a reload or a restart with another model, and a file request whose file now holds other bytes.
 
 Read it with ``read_results(path)`` or ``h5py.File(path, "r", swmr=True)["results"]``.
+
+This module is the file: its lock, opening, recovery, the replay index, appending and reading. The
+columns and how a reply becomes rows are in ``results_schema``; what identifies a request (``replayable``,
+``request_digest``, ``describe_source``) is in ``fingerprint``. Both are imported from here as before.
 """
 
 from __future__ import annotations
@@ -53,115 +57,30 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import xxhash
+
+# Re-exported (``__all__``): callers import these names from the module of the log.
+from defectscope.server.fingerprint import describe_source, replayable, request_digest
+from defectscope.server.results_schema import (
+    DATASET, MAX_CLASSES, READABLE_SCHEMAS, REPLY_PIECE_BYTES, RESULT_DTYPE, RESULT_DTYPE_V1, SCHEMA_VERSION, TIMINGS,
+    put_reply_json, reply_json, reply_rows, row_dicts, to_current,
+)
+
+__all__ = [
+    "DATASET", "DEFAULT_REPLAY_WINDOW", "MAX_CLASSES", "READABLE_SCHEMAS", "REPLY_PIECE_BYTES", "RESULT_DTYPE",
+    "RESULT_DTYPE_V1", "SCHEMA_VERSION", "TIMINGS", "ResultsLog", "ResultsLogError", "describe_source",
+    "read_results", "replayable", "request_digest",
+]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)        # schema 1: the same columns without reply_json, request_digest, replayed
-DATASET = "results"
-MAX_CLASSES = 8
-TIMINGS = ("decode", "orthonormalise", "prepare", "infer", "total")
-REPLY_PIECE_BYTES = 4096         # reply_json bytes per row (a one-map reply is ~1.4 kB; a batch has a row per map)
 DEFAULT_REPLAY_WINDOW = 100_000  # request ids whose reply can be given again (memory: ~350 bytes each)
 _CHUNK_ROWS = 16
 _COPY_BLOCK = 4096               # rows per block when a file is rewritten (recovery, schema migration)
-
-RESULT_DTYPE_V1 = np.dtype([
-    ("request_id", "S128"),
-    ("time_unix", "<f8"),        # seconds since the epoch, UTC, when the reply was logged
-    ("time_iso", "S32"),         # the same instant, ISO 8601, for humans browsing the file
-    ("server", "S16"),           # "zmq" | "tango" | "cli"
-    ("source", "S256"),          # what was classified: "map [64, 64, 64] <f4", "file run1/map.h5::/entry/data"
-    ("ok", "u1"),
-    ("error_reason", "S24"),     # a SPEC §4 reason when ok == 0
-    ("error_message", "S256"),
-    ("index", "<i4"),            # position in a batch reply (0 for one map)
-    ("label", "S32"),
-    ("n_classes", "u1"),
-    ("classes", "S160"),         # comma separated, in the order of `probabilities`
-    ("probabilities", "<f4", (MAX_CLASSES,)),
-    ("model_name", "S64"),
-    ("model_version", "S64"),
-    ("model_sha256", "S64"),
-    ("provider", "S32"),
-    *[(f"t_{name}_ms", "<f4") for name in TIMINGS],
-    ("warnings", "S256"),        # comma-separated warning reasons
-])
-
-RESULT_DTYPE = np.dtype(RESULT_DTYPE_V1.descr + [
-    ("request_digest", "S32"),   # sha256 (first 128 bits, hex) of the request's input, options and buffers
-    ("replayed", "u1"),          # 1: this reply was given again from an earlier row, not computed
-    ("reply_json", f"S{REPLY_PIECE_BYTES}"),  # the JSON reply as sent (split over a batch's rows); empty if replayed
-])
 
 
 class ResultsLogError(RuntimeError):
     """The results file cannot be used (not ours, wrong schema, locked by another writer, unwritable)."""
 
-
-def _fit(text, width: int) -> bytes:
-    """UTF-8 bytes of ``text`` cut to ``width`` without splitting a character."""
-    raw = str(text if text is not None else "").encode("utf-8", "replace")
-    if len(raw) <= width:
-        return raw
-    return raw[:width].decode("utf-8", "ignore").encode("utf-8")
-
-
-def replayable(request) -> bool:
-    """Whether a ``protocol.Request`` may be answered from an earlier reply: its client chose its
-    ``request_id`` (a server-made id is never reused), and all of its data came with it (a streamed scan,
-    whose frames follow in later messages, is not fingerprinted when it opens, so it is never replayed)."""
-    header = getattr(request, "header", None) or {}
-    return header.get("request_id") is not None and not (getattr(request, "spec", None) or {}).get("stream")
-
-
-def request_digest(request, model: dict | None) -> str:
-    """Fingerprint of a ``protocol.Request`` answered by ``model`` (``Predictor.describe()``: name, version,
-    sha256): its ``input`` object (keys with a null value dropped: absent and null mean the same), the
-    model, and the bytes of its arrays (maps, frames, mask; for a ``file`` request, the data read from the
-    file, ``Classifier.load_file``). Equal digests: the same answer. ``options`` are left out: they change
-    what comes with a reply (the prepared map), not the classification.
-
-    XXH3-128, not SHA-256: on a 53 MB raw scan it takes ~3 ms against ~30 ms (``benchmarks/bench_digest.py``).
-    It tells retries from new data; it is not a security boundary (a replay is looked up by the client's
-    own request id, so a crafted collision can only bring a client an earlier answer to its own id)."""
-    if request.kind == "file" and request.array is None:
-        raise ValueError("a file request is fingerprinted by its data: read it first (Classifier.load_file)")
-    h = xxhash.xxh3_128()
-    spec = {k: v for k, v in (request.spec or {}).items() if v is not None}
-    who = {k: (model or {}).get(k) for k in ("name", "version", "sha256")}
-    h.update(json.dumps({"kind": request.kind, "input": spec, "model": who}, sort_keys=True,
-                        default=str).encode("utf-8"))
-    arrays = [request.array] if request.array is not None else list(request.frames or [])
-    if request.mask is not None:
-        arrays.append(request.mask)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"|{a.dtype.str}{list(a.shape)}|".encode("ascii"))
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def describe_source(request) -> str:
-    """A short description of what a ``protocol.Request`` asked to classify, for the ``source`` column."""
-    kind = getattr(request, "kind", None)
-    spec = getattr(request, "spec", None) or {}
-    if kind == "file":
-        dataset = spec.get("dataset")
-        where = f"file {spec.get('path')}" + (f"::{dataset}" if dataset else "")
-        return where + (" (scan)" if spec.get("geometry") is not None else "")
-    if kind in ("map", "scan"):
-        array = request.array
-        if array is None and request.frames:
-            shape, dtype = [len(request.frames), *request.frames[0].shape], request.frames[0].dtype
-        elif array is not None:
-            shape, dtype = list(array.shape), array.dtype
-        else:
-            return kind
-        preset = (spec.get("geometry") or {}).get("preset") if kind == "scan" else None
-        return f"{kind} {shape} {dtype.str}" + (f" preset {preset}" if preset else "")
-    return str(kind or "")
 
 
 class ResultsLog:
@@ -297,7 +216,7 @@ class ResultsLog:
             ds = f[DATASET]
             ds.resize((n,))
             for start in range(0, n, _COPY_BLOCK):
-                ds[start:start + _COPY_BLOCK] = _to_current(old[start:start + _COPY_BLOCK])
+                ds[start:start + _COPY_BLOCK] = to_current(old[start:start + _COPY_BLOCK])
         os.replace(tmp, self.path)
         if why == "recovered":
             log.warning("results file %s was not closed cleanly; its %d rows were recovered", self.path, n)
@@ -332,51 +251,11 @@ class ResultsLog:
     def rows(self, reply: dict, *, source: str = "", model: dict | None = None, provider: str | None = None,
              digest: str | None = None, replayed: bool = False) -> np.ndarray:
         """The rows a reply becomes (several for a batch). ``model``/``provider`` fill in error rows."""
-        now = time.time()
-        model = reply.get("model") or model or {}
-        classes = list(reply.get("classes") or [])[:MAX_CLASSES]
-        probabilities = reply.get("probabilities")
-        labels = reply.get("label")
-        if reply.get("ok") and probabilities and isinstance(probabilities[0], list):
-            per_map = list(zip(probabilities, labels))
-        else:
-            per_map = [(probabilities or [], labels or "")]
-        error = reply.get("error") or {}
-        timings = reply.get("timings_ms") or {}
-        warnings = ",".join(sorted({str(w.get("reason", "")) for w in reply.get("warnings") or [] if isinstance(w, dict)}))
-        out = np.zeros(len(per_map), dtype=RESULT_DTYPE)
-        for i, (probs, label) in enumerate(per_map):
-            row = out[i]
-            row["request_id"] = _fit(reply.get("request_id"), 128)
-            row["time_unix"] = now
-            row["time_iso"] = _fit(_dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="milliseconds"), 32)
-            row["server"] = _fit(self.server, 16)
-            row["source"] = _fit(source, 256)
-            row["ok"] = 1 if reply.get("ok") else 0
-            row["error_reason"] = _fit(error.get("reason", ""), 24)
-            row["error_message"] = _fit(error.get("message", ""), 256)
-            row["index"] = i
-            row["label"] = _fit(label, 32)
-            row["n_classes"] = len(classes)
-            row["classes"] = _fit(",".join(classes), 160)
-            padded = np.full(MAX_CLASSES, np.nan, dtype=np.float32)
-            padded[: min(len(probs), MAX_CLASSES)] = np.asarray(probs[:MAX_CLASSES], dtype=np.float32)
-            row["probabilities"] = padded
-            row["model_name"] = _fit(model.get("name"), 64)
-            row["model_version"] = _fit(model.get("version"), 64)
-            row["model_sha256"] = _fit(model.get("sha256"), 64)
-            row["provider"] = _fit(reply.get("provider") or provider, 32)
-            for name in TIMINGS:
-                row[f"t_{name}_ms"] = float(timings.get(name, np.nan))
-            row["warnings"] = _fit(warnings, 256)
-            row["request_digest"] = _fit(digest or "", 32)
-            row["replayed"] = 1 if replayed else 0
+        out = reply_rows(reply, server=self.server, source=source, model=model, provider=provider,
+                         digest=digest, replayed=replayed)
         if not replayed:
-            text = json.dumps(reply, allow_nan=False, separators=(",", ":")).encode("utf-8")  # ASCII: no NUL
-            if len(text) <= len(out) * REPLY_PIECE_BYTES:
-                for i in range(len(out)):
-                    out[i]["reply_json"] = text[i * REPLY_PIECE_BYTES:(i + 1) * REPLY_PIECE_BYTES]
-            else:
+            text = reply_json(reply)
+            if not put_reply_json(out, text):
                 log.warning("results log %s: reply %s is %d bytes, more than its %d row(s) hold; it is logged "
                             "without its JSON (a retry of this id is computed again)",
                             self.path, reply.get("request_id"), len(text), len(out))
@@ -472,17 +351,6 @@ def _read_rows(path: Path, retries: int = 20) -> tuple[np.ndarray, dict]:
     raise AssertionError("unreachable")
 
 
-def _to_current(rows: np.ndarray) -> np.ndarray:
-    """Rows of any readable schema in the current ``RESULT_DTYPE`` (columns a schema lacks are empty)."""
-    if rows.dtype == RESULT_DTYPE:
-        return rows
-    out = np.zeros(rows.shape, dtype=RESULT_DTYPE)
-    for name in rows.dtype.names:
-        if name in RESULT_DTYPE.names:
-            out[name] = rows[name]
-    return out
-
-
 def read_results(path: str | Path) -> list[dict]:
     """The log as a list of dicts (strings decoded, probabilities cut to ``n_classes``).
 
@@ -491,32 +359,4 @@ def read_results(path: str | Path) -> list[dict]:
     are joined), or None (rows of a replayed reply, other rows of a batch, schema-1 rows, errors of
     an old file); ``reply_json`` is this row's raw piece of it."""
     rows, _ = _read_rows(Path(path))
-    rows = _to_current(rows)
-    out = []
-    for k, row in enumerate(rows):
-        d = {}
-        for name in RESULT_DTYPE.names:
-            value = row[name]
-            d[name] = value.decode("utf-8") if isinstance(value, bytes) else value
-        n = int(row["n_classes"])
-        d["ok"] = bool(row["ok"])
-        d["classes"] = d["classes"].split(",") if d["classes"] else []
-        d["probabilities"] = [float(v) for v in row["probabilities"][:n]] if d["ok"] else []
-        d["time_unix"] = float(row["time_unix"])
-        d["index"] = int(row["index"])
-        d["n_classes"] = n
-        for name in TIMINGS:
-            d[f"t_{name}_ms"] = float(row[f"t_{name}_ms"])
-        d["replayed"] = bool(row["replayed"])
-        d["reply"] = None
-        if d["index"] == 0 and row["reply_json"]:
-            text, j = bytes(row["reply_json"]), k + 1
-            while j < len(rows) and rows[j]["index"] == j - k and rows[j]["request_id"] == row["request_id"]:
-                text += bytes(rows[j]["reply_json"])
-                j += 1
-            try:
-                d["reply"] = json.loads(text.decode("utf-8"))
-            except ValueError:  # cut short: an oversized reply of an older writer
-                d["reply"] = None
-        out.append(d)
-    return out
+    return row_dicts(to_current(rows))
