@@ -98,7 +98,11 @@ class ServerCollector(Collector):
                 "default": str(name == server.default_model).lower()})
             degraded.add_metric([name], 1.0 if p.degraded else 0.0)
         yield from (requests, failed, replayed, reloads, last_reload, info, degraded)
+        yield from self._server_state(server)
 
+    @staticmethod
+    def _server_state(server):
+        """Queue, streams and life of the server as a whole (not per model)."""
         queued = server._queue.qsize()
         depth = server.queue_depth()
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Classify requests queued or being worked on (as health "
