@@ -10,17 +10,15 @@ limit against loops); external links, user-defined links, external raw storage a
 TIFF series that read other files (OME multi-file, Micro-Manager sets) are switched off, and an OME-XML
 that names another file is refused the same way.
 
-A file is opened once and every step reads that open file: ``open_under_root`` opens a request's path
-without leaving the data root, and the loaders take the open file and never reopen it by name.
+A file is opened once and every step reads that open file: ``open_under_root`` (``data_root``, imported
+from here too) opens a request's path without leaving the data root, and the loaders take the open file
+and never reopen it by name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import posixpath
-import stat
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -31,6 +29,7 @@ import tifffile
 
 from defectscope.errors import BadMessage, DefectscopeError, DtypeNotAllowed, PathNotAllowed, ShapeMismatch
 from defectscope.preprocessing.config import Limits
+from defectscope.preprocessing.data_root import open_under_root  # noqa: F401 (re-exported: callers import it here)
 from defectscope.preprocessing.validate import check_declared
 
 CXI_DEFAULT = "entry_1/data_1/data"
@@ -135,116 +134,6 @@ def sniff_format(fh, name: str) -> str:
         if head.startswith(magic):
             return kind
     raise BadMessage(f"{name} is not a map file this reader knows (HDF5/NeXus/CXI, .npy, .npz, TIFF)")
-
-
-# --- opening a request's path under a data root ---------------------------------------------------
-_MAX_SYMLINKS = 40  # the kernel's own limit per path
-
-
-def open_under_root(root, path: str):
-    """``(file, name)``: ``path`` under the directory ``root`` open for reading, and the name relative to
-    ``root`` of the file actually opened. ``path`` is relative to ``root`` (or absolute, spelled under it).
-
-    The walk starts from a descriptor of ``root`` and opens one component at a time relative to the
-    last, always with ``O_NOFOLLOW``: the kernel never follows a link for us, so nothing outside the root
-    is ever opened, whatever is renamed or swapped while we walk. A symbolic link is read and its target
-    walked the same way: one that stays under the root is followed, one that leaves it is refused before
-    its target is touched. '..' in the request is refused. The caller reads what it needs from the file
-    returned and never opens the path again: a check by name followed by an open by name can be two files.
-    """
-    if not isinstance(path, str) or not path:
-        raise PathNotAllowed("the path must be a non-empty string")
-    if "\x00" in path:
-        raise PathNotAllowed("path contains a NUL byte")
-    if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
-        raise PathNotAllowed("file input needs a system that opens files relative to a directory (POSIX)")
-    root = os.path.realpath(root)
-    parts = path.split("/")
-    if ".." in parts:
-        raise PathNotAllowed(f"path {path!r} climbs out with '..'")
-    if path.startswith("/"):
-        parts = _beneath(root, path)
-        if parts is None:
-            raise PathNotAllowed(f"path {path!r} is outside the data root")
-    try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PathNotAllowed(f"the data root cannot be opened: {exc.strerror or exc}") from None
-    dirs, names, links = [root_fd], [], 0
-    try:
-        while parts:
-            part = parts.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":  # from a link's target: back up the walk, never above the root
-                if len(dirs) == 1:
-                    raise PathNotAllowed(f"path {path!r} leads out of the data root through a symbolic link")
-                os.close(dirs.pop())
-                names.pop()
-                continue
-            last = not parts
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if last else os.O_DIRECTORY)
-            try:
-                fd = os.open(part, flags, dir_fd=dirs[-1])
-            except OSError as exc:
-                target = _link_target(part, dirs[-1])
-                if target is None:
-                    raise _refusal(path, exc) from None
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise PathNotAllowed(f"path {path!r} goes through more than {_MAX_SYMLINKS} symbolic links")
-                if target.startswith("/"):
-                    inside = _beneath(root, target)
-                    if inside is None:
-                        raise PathNotAllowed(f"path {path!r} is a symbolic link out of the data root")
-                    for walked in dirs[1:]:  # an absolute target starts again from the root
-                        os.close(walked)
-                    del dirs[1:], names[:]
-                    target_parts = inside
-                else:
-                    target_parts = target.split("/")
-                parts[:0] = target_parts
-                continue
-            if not last:
-                dirs.append(fd)
-                names.append(part)
-                continue
-            try:  # a FIFO or a device under the root is no map (O_NONBLOCK: opening a FIFO did not wait)
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise PathNotAllowed(f"path {path!r} is not a regular file")
-                os.set_blocking(fd, True)
-                fh = open(fd, "rb")
-            except BaseException:
-                os.close(fd)
-                raise
-            return fh, "/".join([*names, part])
-        raise PathNotAllowed(f"path {path!r} is not a file under the data root")
-    finally:
-        for fd in dirs:
-            os.close(fd)
-
-
-def _beneath(root: str, path: str) -> list[str] | None:
-    """The components of absolute ``path`` below ``root``, or None when it is not spelled under it."""
-    prefix = root.rstrip("/") + "/"
-    if path == root:
-        return []
-    return path[len(prefix):].split("/") if path.startswith(prefix) else None
-
-
-def _link_target(name: str, dir_fd: int) -> str | None:
-    try:
-        return os.readlink(name, dir_fd=dir_fd)
-    except OSError:  # not a link (EINVAL) or gone: the open's own error says why
-        return None
-
-
-def _refusal(path: str, exc: OSError) -> PathNotAllowed:
-    if exc.errno == errno.ENOENT:
-        return PathNotAllowed(f"path {path!r} is not a file under the data root")
-    if exc.errno == errno.ENOTDIR:
-        return PathNotAllowed(f"path {path!r} goes through something that is not a directory")
-    return PathNotAllowed(f"path {path!r} cannot be opened under the data root: {exc.strerror or exc}")
 
 
 # --- NumPy ------------------------------------------------------------------------------------------
