@@ -198,10 +198,11 @@ def curve_keys(tmp: Path):
 
 def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, threads: int | None,
         batch_max: int) -> dict:
+    """Every measurement of the module docstring, with ``model``, as one dict (``main`` adds the machine)."""
+    from defectscope.benchmarks.bench_floor import measure as transport_floor
     from defectscope.model.predictor import Predictor
     from defectscope.model.registry import resolve_model
     from defectscope.preprocessing.pipeline import prepare
-    from defectscope.server.client import Client
 
     model_path = Path(resolve_model(model))
     pipeline = Predictor(model_path, provider="cpu").pipeline
@@ -212,43 +213,60 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
            "scan": {"name": scan_name, "shape": list(frames.shape), "dtype": frames.dtype.str,
                     "bytes": int(frames.nbytes)}}
     out["bare_inference"] = bare_inference(model_path, prepared, threads, repeat_maps)
-    from defectscope.benchmarks.bench_floor import measure as transport_floor
-
     out["transport_floor"] = transport_floor(volume, frames, repeat_maps, repeat_scans)
 
     server_args = ["--threads", threads] if threads else []
     served = serve(model, server_args)
     try:
-        with Client(served.endpoint, timeout_s=120, retries=0) as client:
-            info = client.info()
-            out["server"] = {"provider": info["provider"], "threads": info.get("threads"), "banner": served.banner}
-            times, replies = round_trips(lambda: client.classify(volume), repeat_maps)
-            out["map"] = {**summary(times), "stages_ms": stage_medians(replies)}
-            times, replies = round_trips(lambda: client.classify_scan(frames, geometry, mask=mask), repeat_scans, 2)
-            out["scan"].update({**summary(times), "stages_ms": stage_medians(replies), "sent": "one message, one frame per part"})
-            times, replies = round_trips(lambda: client.classify_scan_stream(frames, geometry, mask=mask), repeat_scans, 2)
-            out["scan_stream"] = {**summary(times), "stages_ms": stage_medians(replies),
-                                  "after_last_frame_p50_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 50),
-                                  "sent": "one message per frame, as fast as the client can"}
-            # As a detector delivers them: one frame every FRAME_INTERVAL_S (faster than any rocking scan's
-            # exposures), so each frame is gridded before the next arrives and only the tail remains.
-            paced = lambda: client.classify_scan_stream(_paced(frames), geometry, n_frames=len(frames), mask=mask)  # noqa: E731
-            times, replies = round_trips(paced, max(3, repeat_scans // 3), 1)
-            out["scan_stream_paced"] = {
-                "frame_interval_ms": FRAME_INTERVAL_S * 1e3, **summary(times), "stages_ms": stage_medians(replies),
-                "after_last_frame_p50_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 50),
-                "after_last_frame_p99_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 99)}
+        through_server(served, out, volume, frames, geometry, mask, repeat_maps, repeat_scans)
         out["throughput"] = [throughput(served.endpoint, volume, c, per_client) for c in (1, 4, 16)]
     finally:
         out["server"]["exit_code"] = served.stop()
-
     if batch_max > 1:
-        served = serve(model, [*server_args, "--batch-max", batch_max])
-        try:
-            out["throughput_batched"] = {"batch_max": batch_max, "runs": [
-                throughput(served.endpoint, volume, c, per_client) for c in (1, 4, 16)]}
-        finally:
-            served.stop()
+        out["throughput_batched"] = batched_throughput(model, server_args, volume, per_client, batch_max)
+    out["curve"] = with_curve(model, server_args, volume, repeat_maps, plaintext_p50_ms=out["map"]["p50_ms"])
+    return out
+
+
+def through_server(served, out: dict, volume, frames, geometry, mask, repeat_maps: int, repeat_scans: int) -> None:
+    """Round trips to the server ``served`` from one client, written into ``out``: ``server`` first (``run``
+    adds the server's exit code even when a later step fails), ``map``, ``scan`` (completing the scan's
+    description), ``scan_stream`` and ``scan_stream_paced``."""
+    from defectscope.server.client import Client
+
+    with Client(served.endpoint, timeout_s=120, retries=0) as client:
+        info = client.info()
+        out["server"] = {"provider": info["provider"], "threads": info.get("threads"), "banner": served.banner}
+        times, replies = round_trips(lambda: client.classify(volume), repeat_maps)
+        out["map"] = {**summary(times), "stages_ms": stage_medians(replies)}
+        times, replies = round_trips(lambda: client.classify_scan(frames, geometry, mask=mask), repeat_scans, 2)
+        out["scan"].update({**summary(times), "stages_ms": stage_medians(replies), "sent": "one message, one frame per part"})
+        times, replies = round_trips(lambda: client.classify_scan_stream(frames, geometry, mask=mask), repeat_scans, 2)
+        out["scan_stream"] = {**summary(times), "stages_ms": stage_medians(replies),
+                              "after_last_frame_p50_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 50),
+                              "sent": "one message per frame, as fast as the client can"}
+        # As a detector delivers them: one frame every FRAME_INTERVAL_S (faster than any rocking scan's
+        # exposures), so each frame is gridded before the next arrives and only the tail remains.
+        paced = lambda: client.classify_scan_stream(_paced(frames), geometry, n_frames=len(frames), mask=mask)  # noqa: E731
+        times, replies = round_trips(paced, max(3, repeat_scans // 3), 1)
+        out["scan_stream_paced"] = {
+            "frame_interval_ms": FRAME_INTERVAL_S * 1e3, **summary(times), "stages_ms": stage_medians(replies),
+            "after_last_frame_p50_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 50),
+            "after_last_frame_p99_ms": pct([r["timings_ms"]["after_last_frame"] for r in replies], 99)}
+
+
+def batched_throughput(model: str, server_args: list, volume, per_client: int, batch_max: int) -> dict:
+    """The throughput runs against a server that batches up to ``batch_max`` maps."""
+    served = serve(model, [*server_args, "--batch-max", batch_max])
+    try:
+        return {"batch_max": batch_max, "runs": [throughput(served.endpoint, volume, c, per_client) for c in (1, 4, 16)]}
+    finally:
+        served.stop()
+
+
+def with_curve(model: str, server_args: list, volume, repeat_maps: int, *, plaintext_p50_ms: float) -> dict:
+    """The map round trip with CURVE encryption and authentication on, and its ratio to plain text."""
+    from defectscope.server.client import Client
 
     with tempfile.TemporaryDirectory() as tmp:
         secret, allow, keys = curve_keys(Path(tmp))
@@ -256,10 +274,9 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
         try:
             with Client(served.endpoint, timeout_s=60, retries=0, curve=keys) as client:
                 times, _ = round_trips(lambda: client.classify(volume), repeat_maps)
-            out["curve"] = {**summary(times), "vs_plaintext": round(pct(times, 50) / out["map"]["p50_ms"], 3)}
+            return {**summary(times), "vs_plaintext": round(pct(times, 50) / plaintext_p50_ms, 3)}
         finally:
             served.stop()
-    return out
 
 
 def main(argv=None) -> int:

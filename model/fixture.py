@@ -33,14 +33,33 @@ def build_fixture_model(
     row whatever the batch, so ONNX Runtime fails on a batch of two or more maps (a genuine run-time error
     from inside the runtime, for the tests of unexpected failures)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     pipeline = pipeline or PipelineConfig()
-    n0, n1, n2 = pipeline.shape
+    graph = _graph(pipeline.shape, len(classes), seed=seed, pool=pool, single_map_only=single_map_only)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="defectscope.fixture")
+    model.ir_version = 8  # readable by every onnxruntime we support
+    if metadata:
+        for key, value in ((PIPELINE_KEY, pipeline.to_json()), (CARD_KEY, json.dumps(_card(classes, version)))):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _graph(shape, n_classes: int, *, seed: int, pool: int, single_map_only: bool):
+    """The ONNX graph: maps of ``shape`` (channels last) average-pooled by ``pool``, one dense layer of
+    random weights (``seed``), softmax over ``n_classes``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n0, n1, n2 = shape
     rng = np.random.default_rng(seed)
     features = (n0 // pool) * (n1 // pool) * (n2 // pool)
-    weights = rng.normal(0.0, 1.0, size=(features, len(classes))).astype(np.float32)
-    bias = rng.normal(0.0, 0.1, size=(len(classes),)).astype(np.float32)
+    weights = rng.normal(0.0, 1.0, size=(features, n_classes)).astype(np.float32)
+    bias = rng.normal(0.0, 0.1, size=(n_classes,)).astype(np.float32)
 
     nodes = [
         # [B, n0, n1, n2, 1] -> [B, 1, n0, n1, n2]: channels-last as Keras exports, pooled as NCDHW.
@@ -53,11 +72,11 @@ def build_fixture_model(
         helper.make_node("Gemm", ["scaled", "W", "b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1),
     ]
-    graph = helper.make_graph(
+    return helper.make_graph(
         nodes,
         "defectscope_fixture",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", n0, n1, n2, 1])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classes)])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_classes])],
         initializer=[
             numpy_helper.from_array(weights, "W"),
             numpy_helper.from_array(bias, "b"),
@@ -65,23 +84,16 @@ def build_fixture_model(
             *([numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "one_row")] if single_map_only else []),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="defectscope.fixture")
-    model.ir_version = 8  # readable by every onnxruntime we support
-    if metadata:
-        card = {
-            "name": "defectscope-fixture",
-            "version": version,
-            "classes": list(classes),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "training_data": "none: random weights, for tests only",
-            "test_metrics": {},
-            "training_command": "defectscope.model.fixture.build_fixture_model",
-        }
-        for key, value in ((PIPELINE_KEY, pipeline.to_json()), (CARD_KEY, json.dumps(card))):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+
+
+def _card(classes: tuple[str, ...], version: str) -> dict:
+    """The model card: says the weights are random and the answers mean nothing."""
+    return {
+        "name": "defectscope-fixture",
+        "version": version,
+        "classes": list(classes),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "training_data": "none: random weights, for tests only",
+        "test_metrics": {},
+        "training_command": "defectscope.model.fixture.build_fixture_model",
+    }

@@ -207,6 +207,20 @@ def plan_canonical(
         raise ShapeMismatch(f"a map is 3-D, got shape {list(shape)}")
     in_shape = tuple(int(n) for n in shape)
     info: dict = {"input_shape": list(in_shape)}
+    rotation, exact = _plan_rotation(axes, q_direction, info)
+    scale, out_shape, isotropic = _plan_voxels(voxel_size, in_shape, rotation, exact, info)
+    voxels = int(np.prod(out_shape, dtype=np.int64))
+    if voxels > max_voxels:
+        raise TooLarge(f"the map in the canonical frame would be {list(out_shape)} = {voxels} voxels, over the limit {max_voxels}")
+    info["output_shape"] = list(out_shape)
+    # Output voxel o sits at physical offset step * R^T (o - c_out); input index offset = that / voxel_size.
+    return FramePlan(in_shape, out_shape, scale @ rotation.T, exact, isotropic, info)
+
+
+def _plan_rotation(axes, q_direction, info: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(rotation, exact)`` taking the frame described by ``axes``/``q_direction`` to the canonical one
+    (row k: source of output axis k); ``exact`` is the rotation when it is a signed permutation, else
+    None. Records ``axes_in``, ``rotation`` (and ``rotation_angle_deg`` with a ``q_direction``) in ``info``."""
     if q_direction is None:
         axes = check_axes(axes, need_canonical=True)
         rotation = np.eye(3)[[axes.index(name) for name in CANONICAL_AXES]]  # row k: source of output axis k
@@ -221,7 +235,14 @@ def plan_canonical(
     if exact is not None:
         rotation = exact
     info["rotation"] = rotation.round(12).tolist()
+    return rotation, exact
 
+
+def _plan_voxels(voxel_size, in_shape: tuple[int, ...], rotation: np.ndarray, exact,
+                 info: dict) -> tuple[np.ndarray, tuple[int, ...], bool]:
+    """``(scale, out_shape, isotropic)``: the resampling of anisotropic voxels to isotropic ones of the
+    finest size (``scale``, identity when none), and the canonical map's shape after ``rotation``.
+    Records ``voxel_size_in``/``voxel_size_out`` in ``info`` when ``voxel_size`` is given."""
     scale = np.eye(3)
     out_shape = tuple(int(n) for n in np.abs(rotation) @ in_shape) if exact is not None else in_shape
     isotropic = True
@@ -240,12 +261,7 @@ def plan_canonical(
             info["voxel_size_out"] = [float(sizes[i]) for i in np.abs(rotation).argmax(axis=1)]
         else:
             info["voxel_size_out"] = [float(sizes.mean())] * 3
-    voxels = int(np.prod(out_shape, dtype=np.int64))
-    if voxels > max_voxels:
-        raise TooLarge(f"the map in the canonical frame would be {list(out_shape)} = {voxels} voxels, over the limit {max_voxels}")
-    info["output_shape"] = list(out_shape)
-    # Output voxel o sits at physical offset step * R^T (o - c_out); input index offset = that / voxel_size.
-    return FramePlan(in_shape, out_shape, scale @ rotation.T, exact, isotropic, info)
+    return scale, out_shape, isotropic
 
 
 def apply_plan(volume: np.ndarray, plan: FramePlan, *, window=None) -> tuple[np.ndarray, dict]:
