@@ -17,119 +17,45 @@
 Fine-tuning (``init=MODEL.keras``) starts from a trained model's weights, by default at a tenth of the
 learning rates, and prepares maps with the pipeline config of the ``MODEL.onnx`` beside it (refused when
 that file is missing and no pipeline is given); add labelled measured maps as another data file
-(``training.data`` layout 2).
+(``training.map_files`` layout 2).
+
+The parts: ``train_config`` (``TrainConfig``), ``checkpoints`` (the loop's state and what a resumed run
+reads), ``train_finish`` (temperature, export parity, curves); their names used here are importable from
+this module too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from defectscope.preprocessing.config import PipelineConfig
 from defectscope.training import data as data_mod
-from defectscope.training.model import CLASS_SETS, Architecture, default_architecture
+from defectscope.training.checkpoints import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    STATE_VERSION,
+    LoopState,
+    load_model_compiled,
+    reseed,
+    write_json_atomic,
+)
+from defectscope.training.model import CLASS_SETS, Architecture
+from defectscope.training.train_config import FINE_TUNE_LR_FACTOR, TrainConfig
+from defectscope.training.train_finish import export_parity, fit_validation_temperature, plot_history
 
-from defectscope.errors import BadMessage, Internal
+from defectscope.errors import BadMessage
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.json"
-STATE_VERSION = 1
-FINE_TUNE_LR_FACTOR = 0.1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of one training run; recorded in the checkpoint state and the model card.
-
-    ``None`` learning rates and batch take the paper's value for the class count: 3 classes lr 1e-3
-    (then 5e-4), batch 64; 2 classes lr 2e-3 (then 1e-3), batch 32.
-    """
-
-    classes: int = 3
-    epochs: int = 150
-    batch: int | None = None
-    learning_rate: float | None = None
-    final_learning_rate: float | None = None
-    plateau_patience: int = 10
-    stop_patience: int = 15
-    seed: int = 0
-    augment: bool = True
-    cache: bool = True
-    architecture: dict | None = None
-    parity_maps: int = 100
-    # Repeat factors per simulated position mode in each training epoch, e.g. {"RPD": 3}: the rare,
-    # hard random-position dislocations are seen more often without changing the dataset. Maps of files
-    # without position modes (measured maps) keep factor 1. Validation and test are never repeated.
-    oversample: dict | None = None
-    split_fractions: tuple[float, float, float] = data_mod.DEFAULT_SPLIT_FRACTIONS
-
-    def __post_init__(self):
-        if self.classes not in CLASS_SETS:
-            raise BadMessage(f"classes must be 3 or 2, got {self.classes!r}")
-        for name in ("epochs", "plateau_patience", "stop_patience", "parity_maps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs" else 0):
-                raise BadMessage(f"train config {name} must be a non-negative integer (epochs >= 1), got {value!r}")
-        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
-            raise BadMessage(f"train config batch must be a positive integer, got {self.batch!r}")
-        for name in ("learning_rate", "final_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
-                raise BadMessage(f"train config {name} must lie in (0, 1), got {value!r}")
-        if self.oversample is not None:
-            if not isinstance(self.oversample, dict) or not all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100
-                    for k, v in self.oversample.items()):
-                raise BadMessage(f"train config oversample must map position modes to integers 1-100, got {self.oversample!r}")
-            unknown = sorted(set(self.oversample) - set(data_mod.POSITION_MODES))
-            if unknown:
-                raise BadMessage(f"train config oversample has unknown position modes {unknown} (known: {list(data_mod.POSITION_MODES)})")
-        if self.architecture is not None:
-            try:
-                Architecture.from_dict(self.architecture)
-            except (TypeError, KeyError) as exc:
-                raise BadMessage(f"train config architecture is malformed: {exc}") from None
-        object.__setattr__(self, "split_fractions", tuple(float(v) for v in self.split_fractions))
-
-    @property
-    def paper_defaults(self) -> dict:
-        return {3: {"batch": 64, "learning_rate": 1e-3, "final_learning_rate": 5e-4},
-                2: {"batch": 32, "learning_rate": 2e-3, "final_learning_rate": 1e-3}}[self.classes]
-
-    def resolved(self, fine_tune: bool = False) -> "TrainConfig":
-        """Fill the ``None`` fields (paper values; a tenth of the rates when fine-tuning)."""
-        d = self.paper_defaults
-        factor = FINE_TUNE_LR_FACTOR if fine_tune else 1.0
-        arch = self.architecture or default_architecture(self.classes).to_dict()
-        return dataclasses.replace(
-            self,
-            batch=self.batch or d["batch"],
-            learning_rate=self.learning_rate or d["learning_rate"] * factor,
-            final_learning_rate=self.final_learning_rate or d["final_learning_rate"] * factor,
-            architecture=arch,
-        )
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["split_fractions"] = list(self.split_fractions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise BadMessage(f"train config has unknown options {unknown}")
-        return cls(**d)
+__all__ = [
+    "CHECKPOINT_DIR", "FINE_TUNE_LR_FACTOR", "STATE_FILE", "STATE_VERSION", "LoopState", "Run", "TrainConfig",
+    "init_pipeline", "load_model_compiled", "load_run_config", "reseed",
+]
 
 
 def load_run_config(path) -> tuple[dict, dict]:
@@ -154,45 +80,6 @@ def load_run_config(path) -> tuple[dict, dict]:
     if not isinstance(d, dict) or set(d) - {"train", "pipeline"}:
         raise BadMessage(f"config {str(path)!r} must hold only 'train' and/or 'pipeline' tables")
     return dict(d.get("train", {})), dict(d.get("pipeline", {}))
-
-
-# -- checkpoint state ----------------------------------------------------------------------------------
-@dataclass
-class LoopState:
-    """What the epoch loop needs to continue exactly: written after every epoch."""
-
-    epoch: int = 0  # epochs completed
-    best_val_accuracy: float = -1.0
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    since_best: int = 0
-    lowered: bool = False
-    learning_rate: float = 0.0
-    history: list = dataclasses.field(default_factory=list)
-    model_file: str = ""
-    best_file: str = ""
-    stopped: str = ""
-
-    def improved(self, acc: float, loss: float) -> bool:
-        # Ties in accuracy (small validation sets) are broken by the loss.
-        return acc > self.best_val_accuracy or (acc == self.best_val_accuracy and loss < self.best_val_loss)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def reseed(model, seed: int, epoch: int) -> None:
-    """Set every dropout layer's random state from (seed, epoch): a resumed epoch drops what it would have."""
-    import keras
-
-    for k, layer in enumerate(model.layers):
-        gen = getattr(layer, "seed_generator", None)
-        if gen is not None:
-            base = (seed * 1_000_003 + k * 7919) % (2**31 - 1)
-            gen.state.assign(keras.ops.convert_to_tensor([base, epoch * 1_000_000], dtype=gen.state.dtype))
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -440,7 +327,7 @@ class Run:
         self._pending_delete = []
 
     def _save_state(self) -> None:
-        _write_json_atomic(self.ckpt / STATE_FILE, {
+        write_json_atomic(self.ckpt / STATE_FILE, {
             "version": STATE_VERSION, "name": self.name, "model_version": self.model_version,
             "config": self.config.to_dict(), "pipeline": self.pipeline.to_dict(),
             "init": str(self.init) if self.init else None, "data": self._data_identity,
@@ -450,45 +337,30 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------
     def _finish(self, model, streams) -> dict:
-        from defectscope.training import calibration, export
+        from defectscope.training import export
         from defectscope.training.evaluate import evaluate_model, summary_metrics
-        from defectscope.training.model import logits_model, set_temperature
 
         cfg, st = self.config, self.state
-        val = streams["validation"]
-        temperature, calib = 1.0, {"fitted_on": None}
-        if len(val):
-            set_temperature(model, 1.0)
-            logits, labels = _logits(logits_model(model), val, cfg.batch)
-            temperature = calibration.fit_temperature(logits, labels)
-            calib = {"fitted_on": "validation", "n": int(labels.size),
-                     "nll_before": round(calibration.nll(logits, labels, 1.0), 5),
-                     "nll_after": round(calibration.nll(logits, labels, temperature), 5)}
-        set_temperature(model, temperature)
+        temperature, calib = fit_validation_temperature(model, streams["validation"], cfg.batch)
         self.log(f"temperature {temperature:.4f} (validation NLL {calib.get('nll_before')} -> {calib.get('nll_after')})")
 
         onnx_path = self.out / f"{self.name}.onnx"
         card = self._card(temperature, calib, test_metrics={})
         export.export_model(model, onnx_path, pipeline=self.pipeline, card=card)
-
-        parity_stream = streams["test"] if len(streams["test"]) else val if len(val) else streams["train"]
-        maps, _ = parity_stream.arrays(limit=cfg.parity_maps)
-        worst = export.parity(model, onnx_path, maps)
-        if not worst <= export.PARITY_TOLERANCE:
-            raise Internal(f"ONNX and Keras disagree by {worst:.3g} (> {export.PARITY_TOLERANCE:g}) on {len(maps)} maps")
-        self.log(f"exported {onnx_path} (ONNX vs Keras max |diff| {worst:.2e} on {len(maps)} maps)")
+        worst, n_parity = export_parity(model, onnx_path, streams, cfg.parity_maps)
+        self.log(f"exported {onnx_path} (ONNX vs Keras max |diff| {worst:.2e} on {n_parity} maps)")
 
         metrics = {}
         if len(streams["test"]):
             metrics = evaluate_model(onnx_path, self.data_paths, split="test", seed=cfg.seed,
                                      split_fractions=cfg.split_fractions, progress=self.progress)
-            _write_json_atomic(self.out / f"{self.name}.test-metrics.json", metrics)
+            write_json_atomic(self.out / f"{self.name}.test-metrics.json", metrics)
             self.log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['n']} maps")
         card = self._card(temperature, calib, test_metrics=summary_metrics(metrics) if metrics else {},
-                          parity=worst, n_parity=len(maps))
+                          parity=worst, n_parity=n_parity)
         export.update_card(onnx_path, card)
-        _write_json_atomic(self.out / "history.json", st.history)
-        _plot_history(st.history, self.out / "training-curves.png", st.best_epoch)
+        write_json_atomic(self.out / "history.json", st.history)
+        plot_history(st.history, self.out / "training-curves.png", st.best_epoch)
         return {"onnx": str(onnx_path), "keras": str(onnx_path.with_suffix(".keras")), "card": card,
                 "temperature": temperature, "parity_max_abs": worst, "test_metrics": metrics}
 
@@ -531,53 +403,3 @@ def init_pipeline(onnx_path: Path) -> PipelineConfig:
     return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(onnx_path)).pipeline
 
 
-def load_model_compiled(path):
-    import keras
-    from defectscope.training.model import temperature_scaling_class
-
-    temperature_scaling_class()
-    return keras.models.load_model(path, compile=True)
-
-
-def _logits(model, stream, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of a whole split, batch by batch (the split is streamed, not held)."""
-    out, labels = [], []
-    xs, ys = [], []
-    for x, y in stream():
-        xs.append(x)
-        ys.append(int(np.argmax(y)))
-        if len(xs) == batch:
-            out.append(np.asarray(model(np.stack(xs), training=False)))
-            labels += ys
-            xs, ys = [], []
-    if xs:
-        out.append(np.asarray(model(np.stack(xs), training=False)))
-        labels += ys
-    return np.concatenate(out), np.asarray(labels, dtype=np.int64)
-
-
-def _plot_history(history: list, path: Path, best_epoch: int) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(epochs, [h["accuracy"] for h in history], label="train")
-    a.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
-    a.set_xlabel("epoch")
-    a.set_ylabel("accuracy")
-    b.plot(epochs, [h["loss"] for h in history], label="train")
-    b.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    b.set_xlabel("epoch")
-    b.set_ylabel("cross-entropy")
-    for ax in (a, b):
-        if best_epoch:
-            ax.axvline(best_epoch, color="0.6", ls="--", lw=0.8)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
