@@ -214,7 +214,7 @@ def test_transform_about_the_peak_keeps_the_peak_and_zooms_the_width():
 
 
 def test_accuracy_by_dislocation_offset_groups_defective_maps_by_character_and_distance():
-    from defectscope.training.evaluate import _by_group, _group_keys
+    from defectscope.training.eval_metrics import accuracy_by_group as _by_group, group_keys as _group_keys
 
     b = np.array([2.0, -2.0, 0.0])
     params = {
