@@ -122,7 +122,7 @@ def symmetrise(base_onnx, data_paths, out, *, model_version: str, parity_maps: i
     from defectscope.model.predictor import Predictor
     from defectscope.training import calibration
     from defectscope.training.export import _save_atomic, card_path, save_keras, set_metadata, to_onnx
-    from defectscope.training.model import get_temperature, load_model
+    from defectscope.training.model import load_model
 
     base_onnx, out = Path(base_onnx), Path(out)
     data_paths = [Path(p) for p in data_paths]
@@ -135,17 +135,7 @@ def symmetrise(base_onnx, data_paths, out, *, model_version: str, parity_maps: i
         raise BadMessage(f"{base_onnx} is symmetrised already")
     base = load_model(keras_path)
 
-    log(f"fitting the temperature of the averaged logits on the validation split of {len(data_paths)} file(s)")
-    val_maps, val_labels = prepared_split(data_paths, "validation", pipeline, classes)
-    val_logits = mean_logits(base, val_maps)
-    temperature = calibration.fit_temperature(val_logits, val_labels)
-    calib = {"fitted_on": "validation", "n": int(len(val_labels)),
-             "nll_before": round(calibration.nll(val_logits, val_labels, get_temperature(base)), 5),
-             "nll_after": round(calibration.nll(val_logits, val_labels, temperature), 5),
-             "validation_accuracy": round(float((val_logits.argmax(1) == val_labels).mean()), 6)}
-    log(f"temperature {temperature:.4f} (validation NLL with the base temperature {calib['nll_before']} -> "
-        f"{calib['nll_after']}); validation accuracy {calib['validation_accuracy']}")
-    del val_maps
+    temperature, calib = _fit_temperature(base, data_paths, pipeline, classes, log)
 
     proto = to_onnx(symmetrised_forward(base, temperature), shape=pipeline.shape)
     proto.producer_name = "defectscope.training.symmetrise"
@@ -178,6 +168,24 @@ def symmetrise(base_onnx, data_paths, out, *, model_version: str, parity_maps: i
     card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     save_keras(base, out.with_suffix(".keras"))
     return card
+
+
+def _fit_temperature(base, data_paths, pipeline, classes, log) -> tuple[float, dict]:
+    """The temperature of the averaged logits, fitted on the validation split, and what it did there."""
+    from defectscope.training import calibration
+    from defectscope.training.model import get_temperature
+
+    log(f"fitting the temperature of the averaged logits on the validation split of {len(data_paths)} file(s)")
+    val_maps, val_labels = prepared_split(data_paths, "validation", pipeline, classes)
+    val_logits = mean_logits(base, val_maps)
+    temperature = calibration.fit_temperature(val_logits, val_labels)
+    calib = {"fitted_on": "validation", "n": int(len(val_labels)),
+             "nll_before": round(calibration.nll(val_logits, val_labels, get_temperature(base)), 5),
+             "nll_after": round(calibration.nll(val_logits, val_labels, temperature), 5),
+             "validation_accuracy": round(float((val_logits.argmax(1) == val_labels).mean()), 6)}
+    log(f"temperature {temperature:.4f} (validation NLL with the base temperature {calib['nll_before']} -> "
+        f"{calib['nll_after']}); validation accuracy {calib['validation_accuracy']}")
+    return temperature, calib
 
 
 def _card(base_card: dict, base_onnx: Path, base_predictor, version: str, temperature: float, calib: dict,
