@@ -11,7 +11,6 @@ import sys
 import threading
 import urllib.request
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
