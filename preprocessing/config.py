@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 import math
 from dataclasses import dataclass
 
@@ -179,3 +180,26 @@ class Limits:
     max_streams: int = 4
     stream_idle_s: float = 60.0
     stream_queue_frames: int = 512
+
+
+def read_config_file(path, what: str = "config", tables=None) -> dict:
+    """A JSON or TOML config file (by its suffix) as a dict, the one reader of the project's config files
+    (``training.sim_config.load_config``, ``training.train.load_run_config``). A missing, unreadable or
+    malformed file, or a top-level key outside ``tables`` (when given), is one ``BadMessage`` line."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise BadMessage(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
+    toml = path.suffix.lower() == ".toml"
+    try:
+        d = tomllib.loads(text.decode()) if toml else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise BadMessage(f"{what} {str(path)!r} is not valid {'TOML' if toml else 'JSON'}: {exc}") from None
+    if not isinstance(d, dict):
+        raise BadMessage(f"{what} {str(path)!r} must hold an object (a table), not {type(d).__name__}")
+    if tables is not None and set(d) - set(tables):
+        raise BadMessage(f"{what} {str(path)!r} must hold only {' and/or '.join(repr(t) for t in tables)} tables")
+    return d

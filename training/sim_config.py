@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectscope.errors import BadMessage
+from defectscope.preprocessing.config import read_config_file
 from defectscope.training.crystals import ELEMENTS, SIZES
 
 SCHEMA_VERSION = 1
@@ -148,20 +149,8 @@ class SimulationConfig:
 
 def load_config(path) -> SimulationConfig:
     """Read a JSON or TOML config file; keys not given keep their defaults."""
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise BadMessage(f"cannot read simulator config {str(path)!r}: {exc.strerror}") from None
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        try:
-            d = tomllib.loads(text.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadMessage(f"simulator config {str(path)!r} is not valid TOML: {exc}") from None
-        return SimulationConfig.from_dict(d.get("simulate", d))
-    return SimulationConfig.from_json(text)
+    d = read_config_file(path, "simulator config")
+    return SimulationConfig.from_dict(d.get("simulate", d) if Path(path).suffix.lower() == ".toml" else d)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -35,7 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
-from defectscope.preprocessing.config import PipelineConfig
+from defectscope.preprocessing.config import PipelineConfig, read_config_file
 from defectscope.training import data as data_mod
 from defectscope.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -63,22 +63,7 @@ def load_run_config(path) -> tuple[dict, dict]:
 
     Returns (train options, pipeline options) as plain dicts; the caller lets command-line flags win.
     """
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise BadMessage(f"cannot read config {str(path)!r}: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            d = tomllib.loads(text.decode())
-        else:
-            d = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadMessage(f"config {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
-    if not isinstance(d, dict) or set(d) - {"train", "pipeline"}:
-        raise BadMessage(f"config {str(path)!r} must hold only 'train' and/or 'pipeline' tables")
+    d = read_config_file(path, "config", tables=("train", "pipeline"))
     return dict(d.get("train", {})), dict(d.get("pipeline", {}))
 
 
