@@ -429,14 +429,23 @@ def prepare_batch(volumes, config: PipelineConfig = PipelineConfig(), *, mask=No
             raise ShapeMismatch(f"{len(masks)} masks for {n} maps")
     else:
         masks = [None] * n
-    out = np.empty((n, *config.shape), dtype=np.float32)
-    warnings, reports = [], []
+    each = prepare_each(volumes, config, masks=masks, limits=limits, **kwargs)
+    return np.stack([p.array for p in each]), [p.warnings for p in each], [p.report for p in each]
+
+
+def prepare_each(volumes, config: PipelineConfig, *, masks=None, limits: Limits = Limits(), name_the_map: bool = True,
+                 **kwargs) -> list[Prepared]:
+    """``prepare`` every map of a batch with the same keywords (``masks``: one per map, or None): the one
+    loop behind ``prepare_batch`` and the server's batches. A bad map fails the batch with its own error
+    class, the message saying which map (``name_the_map``)."""
+    n = len(volumes)
+    masks = [None] * n if masks is None else masks
+    out = []
     for i in range(n):
         try:
-            prepared = prepare(volumes[i], config, mask=masks[i], limits=limits, **kwargs)
+            out.append(prepare(volumes[i], config, mask=masks[i], limits=limits, **kwargs))
         except DefectscopeError as exc:
+            if not name_the_map:
+                raise
             raise type(exc)(f"map {i} of {n}: {exc.message}") from exc
-        out[i] = prepared.array
-        warnings.append(prepared.warnings)
-        reports.append(prepared.report)
-    return out, warnings, reports
+    return out

@@ -27,7 +27,7 @@ from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
 from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
-from defectscope.preprocessing.pipeline import Preparation, prepare, source_extent
+from defectscope.preprocessing.pipeline import Preparation, prepare, prepare_each, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
 from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling, defective  # noqa: F401
@@ -433,14 +433,10 @@ class Classifier:
 
     def _prepare(self, volumes: np.ndarray, kw: dict):
         t0 = time.perf_counter()
-        prepared, warnings, reports, variants = [], [], [], []
-        for volume in volumes:
-            if "scan" in kw:
-                p = self._prepare_scan(volume, dict(kw))
-            else:
-                p = prepare(volume, self.predictor.pipeline, limits=self.limits, sampling_check=self.sampling_check, **kw)
-            prepared.append(p.array)
-            warnings.append(p.warnings)
-            reports.append(p.report)
-            variants.append((p.variant_oversampling, p.variants))
-        return np.stack(prepared), warnings, reports, (time.perf_counter() - t0) * 1e3, variants
+        if "scan" in kw:  # one gridded scan, prepared from its box (re-cut if the resampling needs more)
+            each = [self._prepare_scan(volume, dict(kw)) for volume in volumes]
+        else:
+            each = prepare_each(volumes, self.predictor.pipeline, limits=self.limits, name_the_map=len(volumes) > 1,
+                                sampling_check=self.sampling_check, **kw)
+        return (np.stack([p.array for p in each]), [p.warnings for p in each], [p.report for p in each],
+                (time.perf_counter() - t0) * 1e3, [(p.variant_oversampling, p.variants) for p in each])
