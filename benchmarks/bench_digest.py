@@ -15,7 +15,7 @@ This measures, in one run:
   below 0.05), and ``results_on_over_off``: the cost of the whole results log (digest + row + flush).
 
 The scan is the measured 34-ID-C one when ``../shared/data`` is there, else a synthetic one of the same
-shape. Writes JSON to ``benchmarks/out/digest.json``.
+shape. Writes JSON to ``docs/eval/digest.json`` (kept in the repository: the docs quote it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from defectscope.benchmarks.bench_serving import example_scan, machine, serve, summary
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "out" / "digest.json"
+DEFAULT_OUT = REPO / "docs" / "eval" / "digest.json"  # kept: docs/performance.md quotes it
 
 
 def digest_times(frames, geometry: dict, model: dict, repeat: int) -> dict:
