@@ -41,7 +41,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from defectscope import PROTOCOL
 from defectscope.errors import BadMessage, Busy, DefectscopeError, ModelUnavailable, Unauthorized, incident
 from defectscope.server import protocol
@@ -143,10 +142,11 @@ class Reloader:
                 reply = self.reload(rid, model, slot)
             except Exception as exc:  # a bug must still give the one reply
                 reply = protocol.error_reply(rid, incident(exc, f"reload {rid}", log))
+            finally:
+                self._running.release()  # before the reply leaves: whoever has it may reload again at once
             self.server.send_reply([*envelope, protocol.encode(reply)])
         finally:
             self.server.end_work()
-            self._running.release()
 
     def load(self, model: str | None, old):
         """A new, warmed-up ``Classifier`` for ``model`` (None: the default model's configured file), like ``old``."""
