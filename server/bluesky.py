@@ -26,7 +26,8 @@ import copy
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from bluesky.callbacks.core import CallbackBase
@@ -283,7 +284,7 @@ class ClassifyCallback(CallbackBase):
         try:
             if hook is not None:
                 hook(run.uid, reply if error is None else error)
-        except Exception:  # noqa: BLE001 - a user hook must not stop the RunEngine
+        except Exception:
             log.exception("defectscope: the %s hook raised", "on_error" if error else "on_result")
         finally:
             run.done.set()

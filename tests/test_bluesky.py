@@ -3,21 +3,22 @@ simulated 2-D detector whose frames are a real rocking scan, against a real serv
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
-
-pytest.importorskip("bluesky")
-pytest.importorskip("ophyd")
-
-from bluesky import RunEngine  # noqa: E402
-from bluesky.plans import scan  # noqa: E402
-from ophyd.sim import SynAxis, SynSignal  # noqa: E402
-from test_orthonormalise import make_synthetic  # noqa: E402
-
-from defectscope.server.bluesky import ClassifyCallback, RunNotClassified  # noqa: E402
-from defectscope.server.client import Client  # noqa: E402
+from bluesky import RunEngine  # bluesky and ophyd: in [test], so a missing one fails here, not skips
+from bluesky.plans import scan
+from defectscope.server.bluesky import ClassifyCallback, RunNotClassified
+from defectscope.server.client import Client
+from ophyd.sim import SynAxis, SynSignal
+from test_orthonormalise import make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ class Beamline:
         self.det = SynSignal(func=self._read, name="det")
 
     def _read(self):
-        k = int(round((self.motor.position - self.start) / self.step))
+        k = round((self.motor.position - self.start) / self.step)
         if k == self.fail_at:
             raise RuntimeError(f"detector fault at frame {k}")
         return self.frames[k].copy()
@@ -164,3 +165,59 @@ def test_a_run_without_a_frame_count_or_rocking_motor_is_refused_at_start(server
     (uid,) = RunEngine({})(grid_scan([beamline.det], beamline.motor, beamline.start, beamline.start + beamline.step,
                                      2, other, 0, 0, 1), cb)
     assert cb.results == {} and "rocking motor is not known" in str(cb.errors[uid])
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_remote_dispatcher_on_a_0mq_proxy_classifies_the_run(server, client, cb_client, synthetic):
+    """The callback away from the RunEngine: RunEngine -> Publisher -> bluesky-0MQ-proxy (its own process)
+    -> RemoteDispatcher -> callback."""
+    from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
+
+    geometry, frames = synthetic
+    beamline = Beamline(geometry, frames)
+    in_address, out_address = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    script = Path(sys.executable).with_name("bluesky-0MQ-proxy")
+    proxy = subprocess.Popen([str(script), "--in-address", in_address, "--out-address", out_address],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dispatcher = RemoteDispatcher(out_address)
+    cb = ClassifyCallback(cb_client, geometry.to_dict(), detector_field="det")
+    heard = threading.Event()
+    dispatcher.subscribe(lambda name, doc: heard.set())
+    dispatcher.subscribe(cb)
+
+    def dispatch():
+        try:
+            dispatcher.start()
+        except asyncio.CancelledError:
+            pass
+
+    dispatcher_thread = threading.Thread(target=dispatch, daemon=True)
+    dispatcher_thread.start()
+    publisher = Publisher(in_address)
+    try:
+        # PUB/SUB drops what is sent before both connections are up: a stop document of no run (which the
+        # callback ignores) until one arrives.
+        while not heard.wait(0.05):
+            assert proxy.poll() is None, proxy.stderr.read().decode()
+            publisher("stop", {"uid": "handshake", "run_start": "handshake", "time": 0.0, "exit_status": "success"})
+        RE = RunEngine({})
+        RE.subscribe(publisher)
+        (uid,) = RE(beamline.scan())
+        reply = cb.wait(uid, timeout=30)  # the dispatcher runs behind the RunEngine
+    finally:
+        publisher.close()
+        if dispatcher._task is not None:  # started (it has dispatched the handshake)
+            dispatcher.loop.call_soon_threadsafe(dispatcher._task.cancel)
+            dispatcher_thread.join(10)
+        proxy.terminate()
+        proxy.wait(10)
+        proxy.stderr.close()
+    assert not dispatcher_thread.is_alive()
+    assert cb.errors == {} and cb.last is reply and list(cb.results) == [uid]
+    assert_same_answer(reply, client.classify_scan(frames, geometry.to_dict()))
