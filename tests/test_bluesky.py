@@ -17,7 +17,7 @@ from bluesky import RunEngine  # bluesky and ophyd: in [test], so a missing one 
 from bluesky.plans import scan
 from defectscope.server.bluesky import ClassifyCallback, RunNotClassified
 from defectscope.server.client import Client
-from ophyd.sim import SynAxis, SynSignal
+from ophyd.sim import NumpySeqHandler, SynAxis, SynSignal, SynSignalWithRegistry
 from test_orthonormalise import make_synthetic
 
 
@@ -31,13 +31,16 @@ class Beamline:
     """The rocking motor (``theta``, the preset's) and a detector that reads the frame measured at the
     motor's position: frame k at ``start + k * step``."""
 
-    def __init__(self, geometry, frames, fail_at: int | None = None):
+    def __init__(self, geometry, frames, fail_at: int | None = None, save_path=None):
         self.start, self.step = geometry.rocking_start_deg, geometry.rocking_step_deg
         self.frames = frames
         self.fail_at = fail_at
         self.motor = SynAxis(name=geometry.rocking_motor)
         self.motor.set(self.start).wait(5)  # SynSignal reads once when made: frame 0
-        self.det = SynSignal(func=self._read, name="det")
+        if save_path is None:
+            self.det = SynSignal(func=self._read, name="det")
+        else:  # an area detector writing files: the events hold datum ids, the frames are in .npy files
+            self.det = SynSignalWithRegistry(func=self._read, name="det", save_path=str(save_path))
 
     def _read(self):
         k = round((self.motor.position - self.start) / self.step)
@@ -114,6 +117,23 @@ def test_the_rocking_start_and_step_come_from_the_motor(server, client, cb_clien
     RE = RunEngine({})
     (uid,) = RE(beamline.scan(), cb)
     assert cb.errors == {}
+    assert_same_answer(cb.results[uid], client.classify_scan(frames, geometry.to_dict()))
+
+
+
+def test_frames_stored_in_files_are_loaded_with_the_handler_registry(server, client, cb_client, synthetic,
+                                                                     tmp_path):
+    geometry, frames = synthetic
+    beamline = Beamline(geometry, frames, save_path=tmp_path)
+    RE = RunEngine({})
+    unfilled = ClassifyCallback(cb_client, geometry.to_dict(), detector_field="det")
+    (uid,) = RE(beamline.scan(), unfilled)
+    assert unfilled.results == {} and "give handler_registry" in str(unfilled.errors[uid])
+
+    cb = ClassifyCallback(cb_client, geometry.to_dict(), detector_field="det",
+                          handler_registry={"NPY_SEQ": NumpySeqHandler})
+    (uid,) = RE(beamline.scan(), cb)
+    assert cb.errors == {} and len(list(tmp_path.glob("*.npy"))) == 2 * len(frames)
     assert_same_answer(cb.results[uid], client.classify_scan(frames, geometry.to_dict()))
 
 
