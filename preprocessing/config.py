@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from defectscope.errors import BadMessage
+
+# The canonical frame's axis names (SPEC §2), defined once here, in a module light enough for the client.
+CANONICAL_AXES = ("q_par", "q_perp1", "q_perp2")
 
 SCHEMA_VERSION = 1
 

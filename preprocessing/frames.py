@@ -27,9 +27,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from defectscope.errors import BadMessage, ShapeMismatch, TooLarge
-from defectscope.preprocessing.config import Limits
-
-CANONICAL_AXES = ("q_par", "q_perp1", "q_perp2")
+from defectscope.preprocessing.config import CANONICAL_AXES, Limits  # noqa: F401 (re-exported)
 
 # A q_direction within this angle (radians) of a coordinate axis is treated as on it and handled by an
 # exact transpose/flip: 1e-3 rad moves a voxel 32 voxels from the centre by 0.03 voxel, far below what

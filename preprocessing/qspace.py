@@ -39,7 +39,7 @@ import numpy as np
 from defectscope.errors import BadGeometry, BadMessage, ShapeMismatch
 from defectscope.preprocessing.geometry import Geometry, load_xrayutilities
 
-from defectscope.preprocessing.frames import CANONICAL_AXES as AXES  # noqa: E402, F401 (the one definition, re-exported)
+from defectscope.preprocessing.config import CANONICAL_AXES as AXES  # noqa: E402, F401 (the one definition, re-exported)
 CHUNK_PIXELS = 1 << 20  # q coordinates are computed ~1M pixels at a time: bounded memory, cache friendly
 PAD_VOXELS = 0.01
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 TWO_PI = 2.0 * np.pi
-from defectscope.preprocessing.frames import CANONICAL_AXES as AXES  # noqa: E402, F401 (the one definition, re-exported)
+from defectscope.preprocessing.config import CANONICAL_AXES as AXES  # noqa: E402, F401 (the one definition, re-exported)
 
 
 def to_inv_angstrom_2pi(dq_inv_angstrom_cryst):
