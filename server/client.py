@@ -33,11 +33,11 @@ from typing import Sequence
 
 import numpy as np
 import zmq
-from defectscope.preprocessing.config import CANONICAL_AXES
-from defectscope.server.protocol import DTYPE_ALIASES
 
 from defectscope import PROTOCOL
 from defectscope.errors import from_reason
+from defectscope.preprocessing.config import CANONICAL_AXES
+from defectscope.server.protocol import DTYPE_ALIASES
 
 
 class Client:

@@ -6,9 +6,9 @@ matplotlib is imported here only, lazily: the serving install does not need it.
 from __future__ import annotations
 
 import numpy as np
-from defectscope.preprocessing.config import CANONICAL_AXES as AXIS_NAMES
 
 from defectscope.errors import BadMessage
+from defectscope.preprocessing.config import CANONICAL_AXES as AXIS_NAMES
 
 
 def _pyplot():
