@@ -21,13 +21,10 @@ from defectscope.preprocessing.validate import make_warning
 DISAGREEMENT = 0.3
 
 
-def defective(classes, probabilities) -> float | None:
-    """P(defective) = 1 - P(defect_free) (None without a defect_free class); with no probabilities, whether
-    the classes allow it (True/None)."""
-    classes = list(classes)
-    if "defect_free" not in classes:
-        return None
-    return True if probabilities is None else float(1.0 - probabilities[classes.index("defect_free")])
+def defective(classes, probabilities) -> float:
+    """P(defective) = 1 - P(defect_free); the classes must include ``defect_free`` (checked by the
+    ``Classifier`` that takes a cross-check)."""
+    return float(1.0 - probabilities[list(classes).index("defect_free")])
 
 
 def check_sampling(predictor, staged, probabilities: np.ndarray, guarded) -> None:

@@ -30,7 +30,7 @@ from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare, prepare_each, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
-from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling, defective  # noqa: F401
+from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling  # noqa: F401 (DISAGREEMENT: API)
 from defectscope.server.job import Job, Outcome, ScanStream, _Staged, file_job, map_job, scan_job
 from defectscope.server.stats import Stats  # noqa: F401 (imported from here by the adapters)
 
@@ -92,7 +92,7 @@ class Classifier:
         disagree on defect-free vs defective by more than ``DISAGREEMENT``, the reply warns ``MODELS_DISAGREE``."""
         if cross_check is not None and cross_check.pipeline != predictor.pipeline:
             raise ValueError("the cross-check model prepares its maps differently (another pipeline)")
-        if cross_check is not None and not (defective(predictor.classes, None) and defective(cross_check.classes, None)):
+        if cross_check is not None and not {"defect_free"} <= set(predictor.classes) & set(cross_check.classes):
             raise ValueError("both models need a 'defect_free' class to be compared")
         self.predictor = predictor
         self.overlap = overlap
