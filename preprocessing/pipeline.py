@@ -104,6 +104,15 @@ def prepare(
     return prepared
 
 
+def sampling_targets(config: PipelineConfig) -> tuple[float, ...]:
+    """The oversamplings the sampling check prepares a map at (``Preparation.sampling_variants``); none
+    without a trained range."""
+    if config.oversampling_range is None:
+        return ()
+    lo, hi = config.oversampling_range
+    return tuple(round(lo + f * (hi - lo), 3) for f in SAMPLING_CHECK_FRACTIONS)
+
+
 def window_margin(shape) -> np.ndarray:
     """Voxels of real data read beyond the model's window on every side (centring, resampling)."""
     return np.array([max(4, int(n) // _MARGIN_FRACTION) for n in shape])
@@ -174,10 +183,9 @@ class Preparation:
         each resampled from the source by ``target / overall`` (per-axis ratios kept): ``(targets, [k, *shape])``.
         The model was trained across that whole range, so a trustworthy answer is the same at each; where it
         is not, the answer depends on how the map happened to be sampled. ``((), None)`` without a range."""
-        if self.config.oversampling_range is None or not overall > 0:
+        targets = sampling_targets(self.config)
+        if not targets or not overall > 0:
             return (), None
-        lo, hi = self.config.oversampling_range
-        targets = tuple(round(lo + f * (hi - lo), 3) for f in SAMPLING_CHECK_FRACTIONS)
         arrays = [
             self._finish_window(*_resample_and_centre(self.source, self.peak_index, t / overall, self.shape,
                                                       self.margin)).array

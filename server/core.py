@@ -27,7 +27,7 @@ from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
 from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
-from defectscope.preprocessing.pipeline import Preparation, prepare, prepare_each, source_extent
+from defectscope.preprocessing.pipeline import Preparation, prepare_each, sampling_targets, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
 from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling  # noqa: F401 (DISAGREEMENT: API)
@@ -389,18 +389,26 @@ class Classifier:
         """prepare() a scan's box; if the resampling needs data beyond the box, re-cut it larger around the
         same centre and prepare again, so the result is that of the whole grid."""
         state, where = kw.pop("scan")
+        config = self.predictor.pipeline
+
+        def prepared(vol):
+            preparation = Preparation(vol, config, limits=self.limits, **kw)
+            per_axis, overall = preparation.estimate()
+            return preparation, preparation.finish(per_axis, overall), overall
+
         try:
-            p = prepare(volume, self.predictor.pipeline, limits=self.limits, sampling_check=self.sampling_check, **kw)
-            shape = np.array(self.predictor.pipeline.shape)
+            preparation, p, overall = prepared(volume)
             # The smallest factor the map is resampled by: its own, or a sampling-check variant's.
-            factors = [p.report["resample_factor"], *(t / p.report["oversampling"] for t in p.variant_oversampling)]
-            needed = source_extent(shape, min(factors))
+            targets = sampling_targets(config) if self.sampling_check else ()
+            factors = [p.report["resample_factor"], *(t / overall for t in targets)]
+            needed = source_extent(config.shape, min(factors))
             box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
             if np.any((needed > box) & (box < grid)):
                 qmap, where = self.orthonormaliser.finish_window(
                     state, np.maximum(box, needed).astype(int), centre=where["window_centre"], close=False)
-                p = prepare(qmap.volume, self.predictor.pipeline, limits=self.limits,
-                            sampling_check=self.sampling_check, **kw)
+                preparation, p, overall = prepared(qmap.volume)
+            if self.sampling_check:  # made once, from the box the map was finally prepared from
+                p.variant_oversampling, p.variants = preparation.sampling_variants(overall)
         finally:
             state.total = np.empty(0)  # the sums are spent
         p.report["scan_window"] = where
