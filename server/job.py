@@ -7,9 +7,14 @@ never the wire format.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from defectscope.errors import BadGeometry, BadMessage, ShapeMismatch
+from defectscope.preprocessing.config import CANONICAL_AXES
+from defectscope.preprocessing.validate import check_intensity
 
 
 @dataclass
@@ -28,8 +33,6 @@ class Job:
 
 # -- jobs made in process (the Tango device, the CLI, scripts) ---------------------------------------------
 def _id(request_id: str | None) -> str:
-    import uuid
-
     return request_id or "local-" + uuid.uuid4().hex[:16]
 
 
@@ -38,8 +41,6 @@ def _options(return_prepared: bool) -> dict:
 
 
 def _common(intensity, voxel_size, q_direction) -> dict:
-    from defectscope.preprocessing.validate import check_intensity
-
     spec = {"intensity": check_intensity(intensity)}
     for key, value in (("voxel_size", voxel_size), ("q_direction", q_direction)):
         if value is not None:
@@ -50,9 +51,6 @@ def _common(intensity, voxel_size, q_direction) -> dict:
 def map_job(volume, *, axes=None, voxel_size=None, q_direction=None, intensity: str = "counts",
             request_id: str | None = None, return_prepared: bool = False) -> Job:
     """One map ``[n0,n1,n2]`` (or a batch ``[B,n0,n1,n2]``) in the frame ``axes`` names (default canonical)."""
-    from defectscope.errors import ShapeMismatch
-    from defectscope.preprocessing.frames import CANONICAL_AXES
-
     volume = np.asarray(volume)
     if volume.ndim not in (3, 4):
         raise ShapeMismatch(f"a map has shape [n0, n1, n2] or [batch, n0, n1, n2], got {list(volume.shape)}")
@@ -63,8 +61,6 @@ def map_job(volume, *, axes=None, voxel_size=None, q_direction=None, intensity: 
 def scan_job(frames, geometry: dict, *, mask=None, intensity: str = "counts", request_id: str | None = None,
              return_prepared: bool = False) -> Job:
     """A raw rocking scan ``[n_frames, rows, cols]`` (or a list of frames) with its geometry (SPEC §4)."""
-    from defectscope.errors import BadGeometry
-
     if not isinstance(geometry, dict):
         raise BadGeometry("a scan needs its geometry as an object: a preset and/or explicit fields")
     array, frame_list = (frames, None) if isinstance(frames, np.ndarray) else (None, list(frames))
@@ -77,8 +73,6 @@ def file_job(path: str, *, dataset: str | None = None, geometry: dict | None = N
              q_direction=None, intensity: str = "counts", request_id: str | None = None,
              return_prepared: bool = False) -> Job:
     """A map, or with ``geometry`` a raw scan, in a file under the classifier's data root."""
-    from defectscope.errors import BadGeometry, BadMessage
-
     if not isinstance(path, str) or not path:
         raise BadMessage("the path must be a non-empty string")
     if dataset is not None and not isinstance(dataset, str):
