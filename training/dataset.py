@@ -31,7 +31,7 @@ from defectscope.training.conventions import AXES
 from defectscope.training.sim_config import CLASSES, SimulationConfig
 
 FORMAT = "defectscope.simulated-bcdi"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: relaxation, strain and nuisance parameters (older files lack them)
 SPLITS = ("train", "validation", "test")
 CONVENTIONS = ("lattice frame x[100] y[010] z[001]; lengths in angstrom; voxel_size_inv_angstrom in the "
                "Q = 2*pi/d convention (SPEC 4); canonical frame: axis 0 along Q = G, axes 1, 2 perpendicular, "
@@ -72,6 +72,43 @@ PARAMETERS: dict[str, tuple[str, tuple, str]] = {
     "n_gap_stripes": ("<i1", (), "detector-gap stripes"),
     "masked_voxel_fraction": ("<f8", (), "probability that a voxel is masked (hot/dead pixel)"),
     "n_masked_voxels": ("<i4", (), "voxels with mask = 1"),
+    # Relaxation (format 2; relax_simulator) ------------------------------------------------------------
+    "label_inserted": ("u1", (), "class inserted; label differs when the dislocation left the crystal in relaxation"),
+    "relaxed": ("|b1", (), "built from its LAMMPS relaxation (false: Volterra field, or the relaxed twin)"),
+    "potential": ("S16", (), "EAM potential of the relaxation or twin ('' : none, room-temperature a)"),
+    "relax_cg_iterations": ("<i4", (), "conjugate-gradient steps of the minimisation (-1: not relaxed)"),
+    "relax_energy_change_ev": ("<f8", (), "energy change of the minimisation (NaN: not relaxed)"),
+    "relax_energy_change_per_atom_ev": ("<f8", (), "energy change per atom (NaN: not relaxed)"),
+    "relax_hcp_atoms": ("<i4", (), "hcp atoms after relaxation (CNA: stacking-fault ribbon; -1: not relaxed)"),
+    "stacking_fault_width_angstrom": ("<f8", (), "width of the hcp ribbon across the line (NaN: none)"),
+    "partial_separation_angstrom": ("<f8", (), "ribbon width + a*sqrt(3)/4 (the cores sit outside it; NaN: none)"),
+    "relax_state": ("S16", (), "unrelaxed, none, compact, dissociated, one_partial_left, fault_across, left"),
+    "dislocation_left_crystal": ("|b1", (), "the dislocation left the crystal in relaxation (label: defect_free)"),
+    "character_after_relaxation": ("S6", (), "measured line character: screw, edge, mixed ('': not measured)"),
+    "relaxation_phase_range_rad": ("<f8", (), "1st-99th percentile range of 2 pi G.(u_relaxed - u_Volterra)"),
+    # Strain (format 2; strain) ---------------------------------------------------------------------------
+    "interface_strain": ("|b1", (), "substrate misfit strain at the truncation facet"),
+    "interface_misfit": ("<f8", (), "misfit strain at the interface (+ tensile)"),
+    "interface_decay_length_angstrom": ("<f8", (), "decay length of the misfit strain into the particle"),
+    "interface_phase_range_rad": ("<f8", (), "1st-99th percentile range of its Bragg phase inside the crystal"),
+    "smooth_strain": ("|b1", (), "random quadratic + cubic displacement field"),
+    "smooth_phase_range_rad": ("<f8", (), "1st-99th percentile range of its Bragg phase inside the crystal"),
+    "strain_phase_range_rad": ("<f8", (), "1st-99th percentile range of the Bragg phase of both fields together"),
+    # Beam and detector (format 2; detector) ------------------------------------------------------------------
+    "fringe_visibility": ("<f8", (3,), "partial coherence: gamma at the crystal extent per axis (1: coherent)"),
+    "coherence_length_angstrom": ("<f8", (3,), "Gaussian coherence length per canonical axis (inf: coherent)"),
+    "psf_sigma_voxels": ("<f8", (), "detector point-spread, Gaussian sigma along axes 1, 2 (0: none)"),
+    "n_hot_pixels": ("<i1", (), "hot pixels (lines along axis 0)"),
+    "hot_pixel_counts": ("<f8", (), "counts of every voxel of a hot-pixel line"),
+    "hot_pixel_voxels": ("<i2", (4, 2), "axis-1, axis-2 indices of each hot-pixel line (-1: none)"),
+    "n_dead_lines": ("<i1", (), "dead detector rows/columns (zero planes)"),
+    "dead_line_axes": ("<i1", (2,), "axis (1 or 2) whose index is constant on each dead plane (0: none)"),
+    "dead_line_indices": ("<i2", (2,), "index of each dead plane (-1: none)"),
+    "n_aliens": ("<i1", (), "alien (parasitic) spots"),
+    "alien_centres_voxels": ("<f8", (3, 3), "centre of each alien spot (NaN: none)"),
+    "alien_sigma_voxels": ("<f8", (3,), "Gaussian sigma of each alien spot"),
+    "alien_relative_intensity": ("<f8", (3,), "peak of each alien spot / peak_counts_target"),
+    "detector_defects_masked": ("|b1", (), "hot pixels and dead lines are flagged in the mask"),
 }
 
 

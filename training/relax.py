@@ -181,18 +181,18 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", required=True, help="where relaxed configurations go (outside the repository)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=None, help="write the records and a timing summary here (JSON)")
-    defaults = RelaxationConfig()
-    p.add_argument("--energy-tolerance", type=float, default=defaults.energy_tolerance)
-    p.add_argument("--force-tolerance", type=float, default=defaults.force_tolerance_ev_per_angstrom, help="eV/Å")
-    p.add_argument("--max-iterations", type=int, default=defaults.max_iterations)
+    p.add_argument("--energy-tolerance", type=float, default=None, help="default: the config's (paper: 1e-6)")
+    p.add_argument("--force-tolerance", type=float, default=None, help="eV/Å; default: the config's (0)")
+    p.add_argument("--max-iterations", type=int, default=None, help="default: the config's (2000)")
     args = p.parse_args(argv)
-    relax_cfg = RelaxationConfig(energy_tolerance=args.energy_tolerance, force_tolerance_ev_per_angstrom=args.force_tolerance,
-                                 max_iterations=args.max_iterations, max_evaluations=max(defaults.max_evaluations,
-                                                                                         10 * args.max_iterations))
     from defectscope.training.sim_config import load_config
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = load_config(args.config) if args.config else SimulationConfig()
+    # The config's stopping rule and potentials (what ``defectscope simulate`` uses), unless overridden here.
+    overrides = {"relax_energy_tolerance": args.energy_tolerance, "relax_force_tolerance_ev_per_angstrom": args.force_tolerance,
+                 "relax_max_iterations": args.max_iterations}
+    relax_cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None}).relaxation_config()
     confs = simulator_configurations(cfg, args.seed, args.index if args.index else range(args.n))
     t0 = time.perf_counter()
     records = relax_all(confs, args.cache_dir, relax_cfg, workers=args.workers, progress=True)

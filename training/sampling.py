@@ -89,11 +89,14 @@ def oversampling_per_axis(dq_inv_angstrom_cryst: float, extent_angstrom: np.ndar
 
 
 def counting_noise(intensity: np.ndarray, peak_counts: float, background_counts: float,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Poisson counts (uint32) of the pattern scaled to ``peak_counts`` at its maximum, plus a flat background."""
+                   rng: np.random.Generator, extra_counts: np.ndarray | None = None) -> np.ndarray:
+    """Poisson counts (uint32) of the pattern scaled to ``peak_counts`` at its maximum, plus a flat background
+    and ``extra_counts`` (expected counts of anything else the detector sees, e.g. alien spots)."""
     expected = intensity * (peak_counts / float(intensity.max()))
     if background_counts > 0.0:
         expected = expected + background_counts
+    if extra_counts is not None:
+        expected = expected + extra_counts
     return rng.poisson(expected).astype(np.uint32)
 
 

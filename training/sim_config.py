@@ -17,7 +17,7 @@ from defectscope.errors import BadMessage
 from defectscope.preprocessing.config import read_config_file
 from defectscope.training.crystals import ELEMENTS, SIZES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CLASSES = ("defect_free", "screw", "edge")  # SPEC §3 class names, in label order
 
 
@@ -43,6 +43,25 @@ class SimulationConfig:
     # Reflection: a {111} reflection with g·b ≠ 0; this fraction of defective configurations is simulated
     # at a g·b = 0 reflection instead, and flagged `invisible`.
     invisible_fraction: float = 0.0
+    # Atomistic relaxation (``relax``; version 2) ---------------------------------------------------------
+    # This fraction of configurations is built from its cached LAMMPS relaxation (relaxed when missing) at
+    # the potential's own lattice constant; the others as before (room-temperature a, Volterra field).
+    relaxed_fraction: float = 0.0
+    # True: the configurations drawn as relaxed are built as their unrelaxed twins instead (same plan, same
+    # draws, the potential's lattice constant, the Volterra field the minimisation starts from).
+    relaxed_twin: bool = False
+    relax_cache_dir: str | None = None  # None: $DEFECTSCOPE_CACHE/relaxed (or ~/.cache/defectscope/relaxed)
+    relax_potentials: tuple[tuple[str, str], ...] = ()  # (element, potential) pairs; () = potentials.CHOSEN
+    relax_energy_tolerance: float = 1e-6  # the paper's stopping rule (RelaxationConfig)
+    relax_force_tolerance_ev_per_angstrom: float = 0.0
+    relax_max_iterations: int = 2000
+    # Strain for every class (``strain``; version 2): probability per configuration and the 1st-99th
+    # percentile range of the Bragg phase it spans inside the crystal, drawn uniformly in the range.
+    interface_strain_probability: float = 0.0  # substrate misfit decaying from the truncation facet
+    interface_phase_range_rad: tuple[float, float] = (0.5, 3.0)
+    interface_decay_fraction_range: tuple[float, float] = (0.1, 0.5)  # decay length / particle height
+    smooth_strain_probability: float = 0.0  # random quadratic + cubic displacement field
+    smooth_phase_range_rad: tuple[float, float] = (0.3, 3.0)
     # Sampling ------------------------------------------------------------------------------------
     shape: tuple[int, int, int] = (64, 64, 64)
     orientations_per_configuration: int = 10
@@ -56,6 +75,21 @@ class SimulationConfig:
     gap_width_voxels_range: tuple[int, int] = (1, 3)
     gap_offset_max_voxels: int = 12  # stripes start within this many voxels of the centre
     masked_voxel_fraction_range: tuple[float, float] = (0.0, 0.0)
+    # Beam and detector nuisances (``detector``; version 2): probability per pattern and ranges.
+    coherence_probability: float = 0.0  # partial coherence: intensity blurred by the coherence function's FT
+    fringe_visibility_range: tuple[float, float] = (0.5, 1.0)  # per axis, at the crystal's extent
+    psf_probability: float = 0.0  # detector point-spread (Gaussian, in the detector plane: axes 1, 2)
+    psf_sigma_voxels_range: tuple[float, float] = (0.3, 1.0)
+    hot_pixel_probability: float = 0.0  # a hot pixel is a line along the rocking direction (axis 0)
+    hot_pixel_count_range: tuple[int, int] = (1, 4)
+    hot_pixel_counts_range: tuple[float, float] = (1e2, 1e5)  # counts per voxel, log-uniform
+    dead_line_probability: float = 0.0  # a dead detector row/column: a zero plane (constant axis 1 or 2 index)
+    dead_line_count_range: tuple[int, int] = (1, 2)
+    alien_probability: float = 0.0  # parasitic Bragg spots: compact Gaussian blobs off the peak
+    alien_count_range: tuple[int, int] = (1, 3)
+    alien_relative_intensity_range: tuple[float, float] = (0.01, 1.0)  # × the peak counts, log-uniform
+    alien_sigma_voxels_range: tuple[float, float] = (0.7, 2.0)
+    detector_defects_masked_probability: float = 0.0  # hot pixels and dead lines flagged in the mask
     # Numerics ------------------------------------------------------------------------------------
     nufft_eps: float = 1e-5  # NUFFT tolerance (diffraction.DEFAULT_NUFFT_EPS: why this value)
     # Dataset -------------------------------------------------------------------------------------
@@ -68,9 +102,10 @@ class SimulationConfig:
         for name in ("elements", "sizes", "shape", "class_weights", "split_fractions"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("surface_energy_ratio_range", "truncation_range", "oversampling_range", "peak_counts_range",
-                     "background_range", "masked_voxel_fraction_range"):
+                     "background_range", "masked_voxel_fraction_range", *_REALISM_RANGES):
             object.__setattr__(self, name, _range(name, getattr(self, name)))
-        for name in ("gap_count_range", "gap_width_voxels_range"):
+        for name in ("gap_count_range", "gap_width_voxels_range", "hot_pixel_count_range", "dead_line_count_range",
+                     "alien_count_range"):
             lo, hi = _range(name, getattr(self, name))
             _check(lo == int(lo) and hi == int(hi), f"{name} must hold integers")
             object.__setattr__(self, name, (int(lo), int(hi)))
@@ -103,10 +138,55 @@ class SimulationConfig:
         _check(0 <= self.gap_offset_max_voxels <= min(self.shape[1:]) // 2 - 1, "gap_offset_max_voxels too large")
         _check(self.masked_voxel_fraction_range[1] < 1.0 and self.masked_voxel_fraction_range[0] >= 0,
                "masked_voxel_fraction_range must lie in [0, 1)")
+        self._check_realism()
         _check(1e-12 < self.nufft_eps <= 1e-3, "nufft_eps must lie in (1e-12, 1e-3]")
         _check(len(self.split_fractions) == 3 and min(self.split_fractions) >= 0
                and abs(sum(self.split_fractions) - 1.0) < 1e-9, "split_fractions must be three fractions summing to 1")
         _check(0 <= int(self.compression_level) <= 9, "compression_level must lie in 0..9")
+
+    def _check_realism(self) -> None:
+        """Version-2 options: relaxation, strain, beam and detector nuisances."""
+        for name in _REALISM_PROBABILITIES:
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1]")
+        _check(isinstance(self.relaxed_twin, bool), "relaxed_twin must be true or false")
+        _check(self.relax_cache_dir is None or isinstance(self.relax_cache_dir, str), "relax_cache_dir must be a path or null")
+        try:
+            pairs = tuple((str(e), str(n)) for e, n in (self.relax_potentials.items() if isinstance(self.relax_potentials, dict)
+                                                         else self.relax_potentials))
+        except (TypeError, ValueError):
+            raise BadMessage("relax_potentials must be [element, potential] pairs") from None
+        object.__setattr__(self, "relax_potentials", tuple(sorted(pairs)))
+        object.__setattr__(self, "relax_max_iterations", int(self.relax_max_iterations))
+        self.relaxation_config()  # the relaxation config checks tolerances and potential names itself
+        for name in ("interface_phase_range_rad", "smooth_phase_range_rad"):
+            _check(0.0 <= getattr(self, name)[0] and getattr(self, name)[1] <= 20.0, f"{name} must lie in [0, 20] rad")
+        lo, hi = self.interface_decay_fraction_range
+        _check(0.01 <= lo and hi <= 5.0, "interface_decay_fraction_range must lie in [0.01, 5]")
+        _check(0.0 < self.fringe_visibility_range[0] and self.fringe_visibility_range[1] <= 1.0,
+               "fringe_visibility_range must lie in (0, 1]")
+        _check(0.0 <= self.psf_sigma_voxels_range[0] and self.psf_sigma_voxels_range[1] <= 5.0,
+               "psf_sigma_voxels_range must lie in [0, 5]")
+        _check(0.0 < self.hot_pixel_counts_range[0], "hot_pixel_counts_range must be positive")
+        _check(0.0 < self.alien_relative_intensity_range[0] and self.alien_relative_intensity_range[1] <= 100.0,
+               "alien_relative_intensity_range must lie in (0, 100]")
+        _check(0.3 <= self.alien_sigma_voxels_range[0] and self.alien_sigma_voxels_range[1] <= 8.0,
+               "alien_sigma_voxels_range must lie in [0.3, 8]")
+        for name, most in (("hot_pixel_count_range", 4), ("dead_line_count_range", 2), ("alien_count_range", 3)):
+            lo, hi = getattr(self, name)
+            _check(1 <= lo and hi <= most, f"{name} must lie in [1, {most}]")
+
+    def relaxation_config(self):
+        """The ``relax_config.RelaxationConfig`` these options describe (the stopping rule and potentials)."""
+        from defectscope.training.relax_config import RelaxationConfig
+
+        kwargs = {"potentials": self.relax_potentials} if self.relax_potentials else {}
+        iterations = int(self.relax_max_iterations)
+        try:
+            return RelaxationConfig(energy_tolerance=float(self.relax_energy_tolerance),
+                                    force_tolerance_ev_per_angstrom=float(self.relax_force_tolerance_ev_per_angstrom),
+                                    max_iterations=iterations, max_evaluations=max(20000, 10 * iterations), **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise BadMessage(f"relaxation options: {exc}") from None
 
     # JSON round trip --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -167,5 +247,19 @@ def _range(name: str, value) -> tuple[float, float]:
     return lo, hi
 
 
-# schema_version N -> N+1 patches; empty while only version 1 exists.
-_PATCHES: dict = {}
+_REALISM_RANGES = ("interface_phase_range_rad", "interface_decay_fraction_range", "smooth_phase_range_rad",
+                   "fringe_visibility_range", "psf_sigma_voxels_range", "hot_pixel_counts_range",
+                   "alien_relative_intensity_range", "alien_sigma_voxels_range")
+_REALISM_PROBABILITIES = ("relaxed_fraction", "interface_strain_probability", "smooth_strain_probability",
+                          "coherence_probability", "psf_probability", "hot_pixel_probability", "dead_line_probability",
+                          "alien_probability", "detector_defects_masked_probability")
+
+
+def _patch_v1_to_v2(d: dict) -> dict:
+    """Version 2 added relaxation, strain and beam/detector nuisances, all off by default: a version-1 config
+    means exactly what it meant (the new options take their defaults)."""
+    return {**d, "schema_version": 2}
+
+
+# schema_version N -> N+1 patches.
+_PATCHES: dict = {1: _patch_v1_to_v2}

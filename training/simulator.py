@@ -6,8 +6,11 @@ whatever order, and whatever the total number of configurations. Streams:
 
     (0, i)        the configuration plan (element, size, shape, class, CD/RPD, reflection)
     (1, i)        the dislocation position (needs the built crystal)
-    (2, i, o)     orientation o: sampling draws, counting noise, masked voxels (three children)
+    (2, i, o)     orientation o: sampling draws, counting noise, masked voxels, beam/detector nuisances
+                  (children 0-3 of the orientation's SeedSequence; adding a child leaves the others as they were)
     (3,)          the train/validation/test split (``dataset.assign_splits``)
+    (4, i)        relaxed or not (``relaxed_fraction``)
+    (5, i)        the strain fields (``strain.draw_strain``)
 
 The NUFFT runs with a fixed thread count (1 by default), so the floating-point sums, hence the counts,
 are bit-identical in every process.
@@ -19,14 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defectscope.training import crystals, dislocations, sampling
+from defectscope.training import crystals, detector, dislocations, sampling, strain
 from defectscope.training.conventions import canonical_axes, reciprocal_vector_inv_angstrom_cryst, to_inv_angstrom_2pi
 from defectscope.training.diffraction import NufftAmplitude, ReciprocalGrid, ScatteringAtoms, intensity, scattering_atoms
 from defectscope.training.sim_config import CLASSES, SimulationConfig
 
-SIMULATOR_VERSION = "1.0.0"
+SIMULATOR_VERSION = "1.1.0"
 
-STREAM_PLAN, STREAM_POSITION, STREAM_ORIENTATION, STREAM_SPLIT = 0, 1, 2, 3
+STREAM_PLAN, STREAM_POSITION, STREAM_ORIENTATION, STREAM_SPLIT, STREAM_RELAXED, STREAM_STRAIN = 0, 1, 2, 3, 4, 5
 
 BURGERS_HKL2 = (1, -1, 0)  # 2b/a: g·b = (h·1 - k·1)/2 for b = ½[1-10]
 VISIBLE_111 = tuple(g for g in crystals.INTERFACE_NORMALS if g[0] != g[1])  # g·b = ±1
@@ -111,22 +114,55 @@ class BuiltConfiguration:
     dislocation: dislocations.Dislocation | None
     g_inv_angstrom_cryst: np.ndarray
     atoms: ScatteringAtoms
+    label: int = -1  # what the crystal is (a dislocation that left makes it defect_free); -1: the plan's
+    relaxation: object | None = None  # ``relax_simulator.RelaxedAtoms`` of a relaxed configuration (or twin)
+    strain: dict = field(default_factory=dict)  # ``strain.strain_field`` record
+
+    @property
+    def final_label(self) -> int:
+        return self.plan.label if self.label < 0 else self.label
 
 
-def build_configuration(cfg: SimulationConfig, seed: int, plan: ConfigurationPlan) -> BuiltConfiguration:
-    """Atoms, dislocation and displacement field of a planned configuration."""
-    crystal = crystals.build_crystal(plan.element, crystals.SIZES[plan.size], plan.surface_energy_ratio,
-                                     plan.interface_normal, plan.truncation_fraction)
-    dislocation = None
-    if plan.label != 0:
-        position = dislocations.draw_position_angstrom(crystal, plan.kind, plan.position_mode,
-                                                       rng_for(seed, STREAM_POSITION, plan.index), cfg.cd_radius_fraction,
-                                                       cfg.rpd_radius_fraction)
-        dislocation = dislocations.make_dislocation(plan.kind, crystal.element.lattice_a_angstrom,
-                                                    crystal.element.poisson_ratio, position)
-    u = dislocations.displacement_angstrom(crystal.positions_angstrom, dislocation)
+def is_relaxed(cfg: SimulationConfig, seed: int, index: int) -> bool:
+    """Whether configuration ``index`` is built from its relaxation (stream 4: independent of everything else)."""
+    return cfg.relaxed_fraction > 0.0 and bool(rng_for(seed, STREAM_RELAXED, index).random() < cfg.relaxed_fraction)
+
+
+def build_configuration(cfg: SimulationConfig, seed: int, plan: ConfigurationPlan,
+                        relaxed: bool | None = None) -> BuiltConfiguration:
+    """Atoms, dislocation and displacement field of a planned configuration.
+
+    ``relaxed``: None as drawn (``is_relaxed``), True/False to force it. A relaxed configuration comes from
+    its cached relaxation (``relax_simulator``; ``cfg.relaxed_twin``: its unrelaxed twin) at the potential's
+    lattice constant; the others are built as in version 1 (room-temperature a, Volterra field).
+    """
+    relaxed = is_relaxed(cfg, seed, plan.index) if relaxed is None else bool(relaxed)
+    relaxation, label = None, plan.label
+    if relaxed:
+        from defectscope.training import relax_simulator  # LAMMPS only where relaxation is asked for
+
+        relaxation = relax_simulator.relaxed_atoms(cfg, seed, plan, twin=cfg.relaxed_twin)
+        crystal, dislocation, u = relaxation.crystal, relaxation.dislocation, relaxation.displacement_angstrom
+        label = relax_simulator.label_after_relaxation(plan.label, relaxation.record)
+    else:
+        crystal = crystals.build_crystal(plan.element, crystals.SIZES[plan.size], plan.surface_energy_ratio,
+                                         plan.interface_normal, plan.truncation_fraction)
+        dislocation = None
+        if plan.label != 0:
+            position = dislocations.draw_position_angstrom(crystal, plan.kind, plan.position_mode,
+                                                           rng_for(seed, STREAM_POSITION, plan.index),
+                                                           cfg.cd_radius_fraction, cfg.rpd_radius_fraction)
+            dislocation = dislocations.make_dislocation(plan.kind, crystal.element.lattice_a_angstrom,
+                                                        crystal.element.poisson_ratio, position)
+        u = dislocations.displacement_angstrom(crystal.positions_angstrom, dislocation)
     g = reciprocal_vector_inv_angstrom_cryst(plan.reflection_hkl, crystal.element.lattice_a_angstrom)
-    return BuiltConfiguration(plan, crystal, dislocation, g, scattering_atoms(crystal.positions_angstrom, u, g))
+    added, strain_record = strain.strain_field(crystal.positions_angstrom, g,
+                                               strain.draw_strain(rng_for(seed, STREAM_STRAIN, plan.index), cfg),
+                                               plan.interface_normal, crystal.element.poisson_ratio)
+    if strain_record["interface_strain"] or strain_record["smooth_strain"]:
+        u = u + added
+    return BuiltConfiguration(plan, crystal, dislocation, g, scattering_atoms(crystal.positions_angstrom, u, g),
+                              label, relaxation, strain_record)
 
 
 @dataclass(eq=False)
@@ -150,10 +186,10 @@ def orientation_grid(built: BuiltConfiguration, draw: sampling.OrientationDraw, 
 
 
 def simulate_configuration(cfg: SimulationConfig, seed: int, index: int, n_orientations: int | None = None,
-                           nthreads: int = 1, keep_intensity: bool = False) -> ConfigurationResult:
-    """All patterns of configuration ``index``; a pure function of (cfg, seed, index, n_orientations)."""
+                           nthreads: int = 1, keep_intensity: bool = False, relaxed: bool | None = None) -> ConfigurationResult:
+    """All patterns of configuration ``index``; a pure function of (cfg, seed, index, n_orientations, relaxed)."""
     n_orientations = cfg.orientations_per_configuration if n_orientations is None else int(n_orientations)
-    built = build_configuration(cfg, seed, plan_configuration(cfg, seed, index))
+    built = build_configuration(cfg, seed, plan_configuration(cfg, seed, index), relaxed=relaxed)
     shape = cfg.shape
     nufft = NufftAmplitude(shape, eps=cfg.nufft_eps, nthreads=nthreads)
     counts = np.empty((n_orientations, *shape), dtype=np.uint32)
@@ -161,17 +197,24 @@ def simulate_configuration(cfg: SimulationConfig, seed: int, index: int, n_orien
     kept = np.empty((n_orientations, *shape), dtype=np.float64) if keep_intensity else None
     rows = []
     for o in range(n_orientations):
-        draw_rng, noise_rng, mask_rng = (np.random.default_rng(s) for s in
-                                         np.random.SeedSequence(int(seed), spawn_key=(STREAM_ORIENTATION, index, o)).spawn(3))
+        draw_rng, noise_rng, mask_rng, nuisance_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
+            int(seed), spawn_key=(STREAM_ORIENTATION, index, o)).spawn(4))
         draw = sampling.draw_orientation(draw_rng, cfg, shape)
+        nuisances = detector.draw_nuisances(nuisance_rng, cfg, shape)
         grid, extent = orientation_grid(built, draw, shape)
         pattern = intensity(nufft(built.atoms, grid))
-        counts[o] = sampling.counting_noise(pattern, draw.peak_counts_target, draw.background_counts_per_voxel, noise_rng)
+        measured = detector.blur(pattern, nuisances, extent, grid.dq_inv_angstrom_cryst)
+        counts[o] = sampling.counting_noise(measured, draw.peak_counts_target, draw.background_counts_per_voxel, noise_rng,
+                                            extra_counts=detector.alien_counts(shape, nuisances, draw.peak_counts_target))
+        detector.apply_detector_defects(counts[o], nuisances)
         mask[o] = sampling.gap_mask(shape, draw) | sampling.random_voxel_mask(shape, draw.masked_voxel_fraction, mask_rng)
+        if nuisances.defects_masked:
+            mask[o] |= detector.defect_mask(shape, nuisances)
         counts[o][mask[o]] = 0  # a masked voxel holds no measurement; the mask says so
         if kept is not None:
             kept[o] = pattern
-        rows.append(_parameters(built, draw, grid, extent, o, float(pattern.max()), int(mask[o].sum())))
+        rows.append({**_parameters(built, draw, grid, extent, o, float(pattern.max()), int(mask[o].sum())),
+                     **detector.parameters(nuisances, extent)})
     params = {name: np.asarray([row[name] for row in rows]) for name in rows[0]}
     return ConfigurationResult(int(index), counts, mask, params, kept)
 
@@ -181,10 +224,15 @@ def _parameters(built: BuiltConfiguration, draw: sampling.OrientationDraw, grid:
     """One pattern's physical parameters, named as stored in the dataset (``dataset.PARAMETERS``)."""
     plan, crystal, d = built.plan, built.crystal, built.dislocation
     centre = crystal.centre_angstrom
+    from defectscope.training.relax_simulator import parameters as relaxation_parameters
+
     return {
+        **relaxation_parameters(built.relaxation, built.g_inv_angstrom_cryst),
+        **built.strain,
         "configuration_index": plan.index,
         "orientation_index": orientation,
-        "label": plan.label,
+        "label": built.final_label,
+        "label_inserted": plan.label,
         "element": plan.element,
         "size": plan.size,
         "n_unit_cells": crystal.n_unit_cells,
