@@ -24,6 +24,11 @@ def register(sub) -> None:
                        help=f"local worker processes (default: the {os.cpu_count()} cores of this machine)")
     where.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--relax-cache-dir", help="cached relaxations (config relax_cache_dir; relaxed_fraction > 0 uses them, "
+                                            "relaxing what is missing): keep it outside the repository")
+    p.add_argument("--unrelaxed-twin", action="store_true",
+                   help="build the configurations the config relaxes unrelaxed instead (same plan, same draws, the "
+                        "potential's lattice constant): the twin dataset for a relaxed-vs-unrelaxed evaluation")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
@@ -58,6 +63,10 @@ def cmd_simulate(args) -> int:
     from defectscope.training.sim_config import SimulationConfig, load_config
 
     cfg = load_config(args.config) if args.config else SimulationConfig()
+    if args.relax_cache_dir:
+        cfg = cfg.replace(relax_cache_dir=str(Path(args.relax_cache_dir).resolve()))
+    if args.unrelaxed_twin:
+        cfg = cfg.replace(relaxed_twin=True)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     path = simulate_dataset(args.n, out, cfg, seed=args.seed, workers=workers, scheduler=args.scheduler,
                             progress=not args.no_progress)

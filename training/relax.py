@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="simulator config file (JSON/TOML); default: the built-in paper mix")
     p.add_argument("--cache-dir", required=True, help="where relaxed configurations go (outside the repository)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--only-drawn-relaxed", action="store_true",
+                   help="only the configurations the config builds relaxed (its relaxed_fraction draw)")
     p.add_argument("--out", default=None, help="write the records and a timing summary here (JSON)")
     p.add_argument("--energy-tolerance", type=float, default=None, help="default: the config's (paper: 1e-6)")
     p.add_argument("--force-tolerance", type=float, default=None, help="eV/Å; default: the config's (0)")
@@ -193,7 +195,12 @@ def main(argv=None) -> int:
     overrides = {"relax_energy_tolerance": args.energy_tolerance, "relax_force_tolerance_ev_per_angstrom": args.force_tolerance,
                  "relax_max_iterations": args.max_iterations}
     relax_cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None}).relaxation_config()
-    confs = simulator_configurations(cfg, args.seed, args.index if args.index else range(args.n))
+    indices = args.index if args.index else range(args.n)
+    if args.only_drawn_relaxed:
+        from defectscope.training.simulator import is_relaxed
+
+        indices = [i for i in indices if is_relaxed(cfg, args.seed, i)]
+    confs = simulator_configurations(cfg, args.seed, indices)
     t0 = time.perf_counter()
     records = relax_all(confs, args.cache_dir, relax_cfg, workers=args.workers, progress=True)
     wall = time.perf_counter() - t0

@@ -24,7 +24,13 @@ import numpy as np
 from defectscope.training import crystals, dislocations, potentials
 from defectscope.training.relax import relax_configuration
 from defectscope.training.relax_cache import load_cached
-from defectscope.training.relax_config import configuration_from_plan, dislocation_at, ideal_sites_half_a
+from defectscope.training.relax_config import (
+    CrystalConfiguration,
+    RelaxationConfig,
+    configuration_from_plan,
+    dislocation_at,
+    ideal_sites_half_a,
+)
 from defectscope.training.strain import bragg_phase_rad, phase_range_rad
 
 UNRELAXED = "unrelaxed"
@@ -47,24 +53,29 @@ def relax_cache_dir(cfg) -> Path:
 
 def relaxed_atoms(cfg, seed: int, plan, twin: bool = False) -> RelaxedAtoms:
     """The relaxed configuration of ``plan`` (``twin``: its unrelaxed twin at the same lattice constant)."""
-    conf = configuration_from_plan(cfg, seed, plan)
-    relax_cfg = cfg.relaxation_config()
+    return atoms_of(configuration_from_plan(cfg, seed, plan), relax_cache_dir(cfg), cfg.relaxation_config(), twin)
+
+
+def atoms_of(conf: CrystalConfiguration, cache_dir, relax_cfg: RelaxationConfig, twin: bool = False) -> RelaxedAtoms:
+    """The relaxed atoms of ``conf`` from ``cache_dir`` (relaxed now when missing), or its twin."""
     if twin:  # no minimisation needed: only the lattice constant (the cached relaxation's, when there is one)
-        potential = potentials.get_potential(relax_cfg.potential_name(conf.element), relax_cache_dir(cfg))
-        cached = load_cached(conf, relax_cache_dir(cfg), relax_cfg)
+        potential = potentials.get_potential(relax_cfg.potential_name(conf.element), cache_dir)
+        cached = load_cached(conf, cache_dir, relax_cfg)
         a = cached.lattice_a_angstrom if cached is not None else potentials.measured(potential)["lattice_a_angstrom_exact"]
         sites = ideal_sites_half_a(conf)
         record = {"potential": {"name": potential.name}, "lattice_a_angstrom": a, "state": UNRELAXED}
     else:
-        relaxed = relax_configuration(conf, relax_cache_dir(cfg), relax_cfg)
+        relaxed = relax_configuration(conf, cache_dir, relax_cfg)
         a, sites, record = relaxed.lattice_a_angstrom, relaxed.sites_half_a, relaxed.record
-    element = dataclasses.replace(crystals.element(plan.element), lattice_a_angstrom=float(a))
+    element = dataclasses.replace(crystals.element(conf.element), lattice_a_angstrom=float(a))
     ideal = sites.astype(np.float64) * (float(a) / 2.0)
     crystal = crystals.Crystal(element, conf.n_unit_cells, conf.surface_energy_ratio, conf.interface_normal,
                                conf.truncation_fraction, ideal)
     dislocation = dislocation_at(conf, float(a))
     volterra = dislocations.displacement_angstrom(ideal, dislocation)
-    displacement = volterra if twin else relaxed.displacement_angstrom
+    # The cache holds float32 displacements: a fresh relaxation is rounded the same way, so a pattern does
+    # not depend on whether its relaxation was computed in this run or read back.
+    displacement = volterra if twin else relaxed.displacement_angstrom.astype(np.float32).astype(np.float64)
     return RelaxedAtoms(crystal, dislocation, displacement, volterra, record)
 
 
