@@ -245,3 +245,13 @@ def test_simulator_builds_relaxed_configurations_at_the_potentials_lattice_const
         assert relaxed.params[name][0] == twin.params[name][0]
     assert relaxed.params["relaxed"][0] and not twin.params["relaxed"][0]
     assert not np.array_equal(relaxed.counts, twin.counts)
+
+
+@pytest.mark.slow
+def test_relaxed_dataset_is_identical_on_one_and_two_workers_and_when_read_from_the_cache(tmp_path):
+    from defectscope.training.runner import simulate_dataset
+
+    cfg = EVERY_NUISANCE.replace(relaxed_fraction=1.0, relax_cache_dir=str(tmp_path / "cache"))
+    fresh = simulate_dataset(6, tmp_path / "fresh.h5", cfg, seed=2, workers=2, progress=False)  # relaxes in the workers
+    cached = simulate_dataset(6, tmp_path / "cached.h5", cfg, seed=2, workers=1, progress=False)
+    assert fresh.read_bytes() == cached.read_bytes()
