@@ -27,7 +27,7 @@ from defectscope.training.conventions import canonical_axes, reciprocal_vector_i
 from defectscope.training.diffraction import NufftAmplitude, ReciprocalGrid, ScatteringAtoms, intensity, scattering_atoms
 from defectscope.training.sim_config import CLASSES, SimulationConfig
 
-SIMULATOR_VERSION = "1.1.0"
+SIMULATOR_VERSION = "1.0.0"  # defaults make the same counts as before; the bundled demo examples record it
 
 STREAM_PLAN, STREAM_POSITION, STREAM_ORIENTATION, STREAM_SPLIT, STREAM_RELAXED, STREAM_STRAIN = 0, 1, 2, 3, 4, 5
 
