@@ -331,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measured", action="store_true", help="skip the measured 34-ID-C scan")
     p.set_defaults(func=lambda a: __import__("defectscope.server.demo", fromlist=["cmd_demo"]).cmd_demo(a))
 
+    # `watch SYSTEM`: adapters that follow a control system's scans (SPEC §8); each registers its own parser.
+    watchers = sub.add_parser("watch", help="classify the scans of a control system as they run").add_subparsers(
+        dest="system", required=True)
+    from defectscope.server.epics_config import add_watch_epics
+
+    add_watch_epics(watchers)
+
     # simulate / train / evaluate live in training/ and import their heavy dependencies lazily.
     from defectscope.training import cli as training_cli
 
