@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     # `watch SYSTEM`: adapters that follow a control system's scans (SPEC §8); each registers its own parser.
     watchers = sub.add_parser("watch", help="classify the scans of a control system as they run").add_subparsers(
         dest="system", required=True)
+    from defectscope.server.bliss_config import add_watch_bliss
+
+    add_watch_bliss(watchers)
+
     from defectscope.server.epics_config import add_watch_epics
 
     add_watch_epics(watchers)
