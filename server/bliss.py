@@ -191,6 +191,8 @@ class BlissWatcher:
         identity = {"key": key}
         try:
             scan = self._store.load_scan(key)
+            if scan.state >= ScanState.PREPARED:  # blissdata reads the scan's model before its state: a scan
+                scan = self._store.load_scan(key)  # prepared in between would look prepared without channels
             identity = self._identity(scan)
             while scan.state < ScanState.PREPARED:  # the channels exist from PREPARED on
                 if not scan.update(timeout=self.config.frame_timeout_s):

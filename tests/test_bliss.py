@@ -174,8 +174,9 @@ class BlissScan:
     ``point`` per measured point, and ``end`` (stop + close, as BLISS ends a scan)."""
 
     def __init__(self, url: str, number: int, *, npoints: int, session: str = "bcdi_au", axes=("theta",),
-                 detector: str | None = "det:image", frame_shape=(48, 56), positioners=None, scan_type="dscan"):
-        self.store = DataStore(url)
+                 detector: str | None = "det:image", frame_shape=(48, 56), positioners=None, scan_type="dscan",
+                 store=None):
+        self.store = DataStore(url) if store is None else store
         positioners = {"theta": -0.1, "energy": 9.0, **ANGLES} if positioners is None else positioners
         info = {"type": scan_type, "title": f"{scan_type} {' '.join(axes)} {npoints}", "npoints": npoints,
                 "save": False, "positioners": {"positioners_start": positioners}}
@@ -402,3 +403,16 @@ def test_the_deployed_id01_config_and_unit_are_a_valid_watch_command():
     args = build_parser().parse_args(argv)
     assert args.command == "watch" and args.system == "bliss" and args.config == "/etc/defectscope/bliss.toml"
     assert "Restart=on-failure" in unit and "User=defectscope" in unit
+
+
+def test_scans_prepared_as_the_watcher_loads_them_are_each_answered(watched):
+    """Regression: blissdata's load_scan reads a scan's model before its state, so a scan prepared between
+    the two reads looked prepared but without channels, and was passed over as no rocking scan (1 in 6
+    scans here). Each scan is created while the watcher waits for it, and has no detector channel."""
+    valkey, _, _ = watched
+    store = DataStore(valkey.url)
+    for number in range(16):
+        scan = BlissScan(valkey.url, number, npoints=40, detector="mpx1x4:image", store=store)
+        scan.end("USER_ABORT")
+        reply = published(valkey.url, scan.key)
+        assert reply["error"]["reason"] == "BAD_MESSAGE" and "no detector channel" in reply["error"]["message"]
