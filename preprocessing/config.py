@@ -20,7 +20,7 @@ from defectscope.errors import BadMessage
 # The canonical frame's axis names (SPEC §2), defined once here, in a module light enough for the client.
 CANONICAL_AXES = ("q_par", "q_perp1", "q_perp2")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 INTENSITY_TRANSFORMS = ("none", "sqrt", "log1p")
 NORMALISATIONS = ("max", "sum", "none")
@@ -37,11 +37,17 @@ class PipelineConfig:
     # one-voxel alien cannot win), then centre-of-mass refinement in a box of this half-width.
     peak_median_size: int = 3
     peak_com_halfwidth: int = 4
-    # Oversampling ratio (per axis, real-space field of view / object size). Maps outside this range
-    # are resampled isotropically to the nearest bound; None disables resampling.
+    # Oversampling ratio (per axis, real-space field of view / object size) the model was trained on.
+    # With ``oversampling_target`` None, each axis outside this range is resampled to its nearest bound;
+    # None disables resampling (and the sampling check).
     oversampling_range: tuple[float, float] | None = (2.0, 4.0)
-    # Fraction of the autocorrelation maximum that delimits its support for the oversampling estimate.
-    oversampling_threshold: float = 0.02
+    # Schema 2: every map is resampled, axis by axis, to this oversampling (inside ``oversampling_range``),
+    # so the network sees one sampling whatever grid the data came on; None: only axes out of range move.
+    oversampling_target: float | None = None
+    # Schema 2: the oversampling is estimated from the central peak's width (``oversampling``): its
+    # curvature-fitted width in voxels is this fraction of the oversampling on the simulator's crystals
+    # (calibrated by ``python -m defectscope.training.sampling_calibration``, docs/eval/sampling_estimators.json).
+    central_peak_ratio: float = 0.50
     # Intensity transform applied after centring, then normalisation.
     intensity_transform: str = "none"
     normalisation: str = "max"
@@ -77,6 +83,13 @@ class PipelineConfig:
             if not 1.0 <= lo <= hi:
                 raise BadMessage(f"oversampling_range must satisfy 1 <= low <= high, got {self.oversampling_range!r}")
             object.__setattr__(self, "oversampling_range", (lo, hi))
+        if self.oversampling_target is not None:
+            t = self.oversampling_target
+            ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            rng = self.oversampling_range
+            if not ok or rng is None or not rng[0] <= t <= rng[1]:
+                raise BadMessage(f"oversampling_target must be a number inside oversampling_range {rng!r}, got {t!r}")
+            object.__setattr__(self, "oversampling_target", float(t))
         if self.intensity_transform not in INTENSITY_TRANSFORMS:
             raise BadMessage(f"intensity_transform must be one of {INTENSITY_TRANSFORMS}, got {self.intensity_transform!r}")
         if self.normalisation not in NORMALISATIONS:
@@ -106,7 +119,7 @@ class PipelineConfig:
             raise BadMessage(f"pipeline config peak_median_size must be odd, got {self.peak_median_size}")
         integer("peak_com_halfwidth", 1)
         integer("edge_margin", 0)
-        number("oversampling_threshold", 0.0, 0.5, open_low=True)
+        number("central_peak_ratio", 0.05, 2.0)
         number("min_peak_counts", 0.0, math.inf)
         number("low_counts_peak", 0.0, math.inf)
         number("negative_clip_fraction", 0.0, 1.0)
@@ -162,8 +175,17 @@ class PipelineConfig:
         return cls.from_dict(d)
 
 
-# schema_version N -> N+1 patches; empty while only version 1 exists.
-_PATCHES: dict = {}
+def _v1_to_v2(d: dict) -> dict:
+    """Schema 1 estimated the oversampling from the autocorrelation's support (``oversampling_threshold``)
+    and resampled all axes by one factor; schema 2 estimates it from the central peak and resamples per
+    axis. A v1 model keeps its trained range, without a fixed target (only axes out of range move)."""
+    d = {k: v for k, v in d.items() if k != "oversampling_threshold"}
+    d["schema_version"] = 2
+    return d
+
+
+# schema_version N -> N+1 patches.
+_PATCHES: dict = {1: _v1_to_v2}
 
 
 @dataclass(frozen=True)

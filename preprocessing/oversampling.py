@@ -1,26 +1,26 @@
-"""Oversampling ratio of a map, and resampling into the range the model was trained on.
+"""Oversampling ratio of a map, per axis, and resampling onto the sampling the model was trained on.
 
-Oversampling along an axis = real-space field of view / object size = n / w, with ``w`` the object's
-width in voxels of the FFT grid of the map (so it does not depend on the map size n, only on the
-voxel size in q: sigma = 2 pi / (dq * width)).
+Oversampling along an axis = real-space field of view / object size: sigma = 2 pi / (dq * L) for a crystal
+of extent L sampled every dq (Q = 2 pi / d). It depends on the map's voxel size, not on its size.
 
-Estimate: the inverse FFT of the intensity is the autocorrelation of the crystal's electron density;
-its support is the difference body S - S, whose extent along an axis is twice the object's width w.
-For each axis we take the profile max |A| over the perpendicular plane, from 0 to n/2 (normalised to 1
-at the origin), and fit the edge model
+Two handles, measured on simulated and measured maps by ``python -m defectscope.training.sampling_calibration``
+(docs/eval/sampling_estimators.json):
 
-    P(x) = c * [g(x) + g(n - x)],   g(x) = (1 - x / w)_+ ** p
-
-over the points where the profile stays above ``config.oversampling_threshold`` (x = 0, where flat
-background and noise add a spike, is left out). The exponent p absorbs the shape: a flat facet
-perpendicular to the axis gives p = 1 (a box's tent), a rounded end p ~ 2 (a sphere's autocorrelation
-vanishes quadratically), so faceted and rounded crystals are both measured to their full width where a
-bare threshold crossing would take a sphere 12 % too small. The second term is the periodic image:
-below sigma = 2 the autocorrelation wraps around (the intensity itself is under-sampled), and fitting
-the wrapped profile still recovers w, down to about sigma = 1.2.
-
-Measured on |FFT|^2 of zero-padded asymmetric boxes, ellipsoids and faceted polyhedra at sigma 1.3-6.4
-per axis (tests/test_oversampling.py): within 10 % per axis.
+- ``estimate_oversampling`` (used by ``prepare``): the central peak's width. Near the Bragg peak
+  ln I(q) ~ -q_k^2 Var_k(rho) (Guinier), so the peak's width along axis k, s_k voxels, is inversely
+  proportional to the crystal's extent along k: sigma_k = s_k / ratio, with ``config.central_peak_ratio``
+  fitted on the simulator's crystals. The width needs only the well-counted top of the peak, so it holds on
+  measured maps (large crystals, partial coherence, streaks, background, masks, gaps) and follows a re-gridding
+  (a map binned k x k x k: the width in voxels divides by k, after the voxel's own width is removed). Its
+  limit: it measures the crystal's radius of gyration, so a shape far from the simulator's truncated
+  octahedra (a long rod, a flat plate) is misjudged by up to ~20 %, and a split (dislocated) peak reads
+  narrower by ~5 % in the median, up to 30 % for the worst tenth of screw dislocations.
+- ``autocorrelation_oversampling`` (evaluation only): the support of the autocorrelation (the inverse FFT of
+  the intensity), twice the object's width, fitted with the edge model
+  ``P(x) = c [g(x) + g(n - x)], g(x) = (1 - x / w)_+ ** p``. Exact for coherent simulated maps (within 10 %
+  per axis for boxes, ellipsoids and polyhedra at sigma 1.3-6.4, tests/test_oversampling.py), but on measured
+  maps partial coherence multiplies the autocorrelation by the coherence function and gridding and
+  background hold it above any threshold, so the support is not seen.
 """
 
 from __future__ import annotations
@@ -99,27 +99,92 @@ def _best_fit(x, y, n, widths, exponents) -> tuple[float, float]:
     return float(widths[i]), float(exponents[j])
 
 
-def estimate_oversampling(volume: np.ndarray, config: PipelineConfig, *, details: bool = False):
-    """Per-axis oversampling (3,) and the overall one (geometric mean: resampling is isotropic).
+# -- the estimate used by ``prepare``: the central peak's width ------------------------------------------
+# The fit reads the (2 h + 1)^3 voxels around the peak that hold at least CENTRAL_PEAK_FLOOR of it.
+CENTRAL_PEAK_HALF = 2
+CENTRAL_PEAK_FLOOR = 0.02
+# A voxel that integrates the intensity over its width (a binned detector, a gridder averaging pixels, a
+# map summed k x k x k) widens a peak by this variance (voxel^2): removed before the width is used.
+VOXEL_VARIANCE = 1.0 / 12.0
+# Below this width (voxels) the peak is not resolved: the map is too coarse for the estimate (and for
+# the network: its oversampling is then below ~1.2, half the Nyquist rate of the intensity).
+UNRESOLVED_WIDTH = 0.6
+# Above this rms residual of log I about the fitted peak the central peak is not one smooth lobe.
+IRREGULAR_RESIDUAL = 0.35
 
-    A hot voxel adds a flat floor (its value / total counts) under the whole autocorrelation; above
-    ``oversampling_threshold`` it hides the edge, so the pipeline removes isolated voxels first.
 
-    ``details``: also return, per axis, whether the crystal's edge was seen (``resolved``: the profile falls
-    below the threshold somewhere) and the profile's lowest value (``floor``). On measured maps, background,
-    facet streaks, a second scatterer or gridding artefacts can hold the whole profile above the threshold;
-    the width fitted there is not the crystal's, and the caller says so (``SAMPLING_UNDETERMINED``).
+def central_peak_width(volume: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per-axis width s (voxels) of the central peak: ln I ~ -x^2 / (2 s^2) along each axis through it.
+
+    A weighted least-squares fit of a full quadratic to ln I on the voxels around the brightest voxel of the
+    central region (weights I^2: the top of the peak, where counts are high and the quadratic holds);
+    s along axis k comes from the second derivative along k (the crystal's extent along k, Guinier's law:
+    the curvature of ln I at the peak is the variance of the density along k), less ``VOXEL_VARIANCE``.
+    Unlike the autocorrelation's support, the width does not need resolved fringes, so partial coherence,
+    streaks, background and masks far from the peak do not move it. ``info``: the fit's points, its rms
+    residual and, per axis, whether the width is resolved.
     """
-    profiles = autocorrelation_profiles(volume)
-    per_axis = np.array([
-        n / fit_autocorrelation_width(p, n, config.oversampling_threshold)[0] for n, p in zip(volume.shape, profiles)
-    ])
+    v = np.asarray(volume, dtype=np.float64)
+    n = np.array(v.shape)
+    mid = n // 2
+    near = tuple(slice(max(m - CENTRAL_PEAK_HALF, 0), m + CENTRAL_PEAK_HALF + 1) for m in mid)
+    local = np.array(np.unravel_index(int(np.argmax(v[near])), v[near].shape))
+    peak = local + np.array([s.start for s in near])
+    lo = np.maximum(peak - CENTRAL_PEAK_HALF, 0)
+    hi = np.minimum(peak + CENTRAL_PEAK_HALF + 1, n)
+    top = float(v[tuple(peak)])
+    sub = v[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] / top if top > 0 else np.zeros(1)
+    keep = sub > CENTRAL_PEAK_FLOOR
+    x = [g[keep] - float(p - l) for g, p, l in zip(np.indices(sub.shape), peak, lo)] if sub.ndim == 3 else []
+    y = sub[keep]
+    width, residual = np.full(3, np.nan), np.inf
+    if y.size >= 10:
+        design = np.stack([np.ones_like(y), *x, *(c * c for c in x), x[0] * x[1], x[0] * x[2], x[1] * x[2]], axis=1)
+        coef, *_ = np.linalg.lstsq(design * (y * y)[:, None], np.log(y) * y * y, rcond=None)
+        residual = float(np.sqrt(np.average((design @ coef - np.log(y)) ** 2, weights=y * y)))
+        curvature = -2.0 * coef[4:7]  # 1 / s^2 per axis
+        with np.errstate(divide="ignore", invalid="ignore"):
+            variance = np.where(curvature > 0, 1.0 / curvature, np.nan) - VOXEL_VARIANCE
+            width = np.sqrt(np.where(variance > 0, variance, np.nan))
+    resolved = np.isfinite(width) & (width >= UNRESOLVED_WIDTH)
+    return width, {"points": int(y.size), "residual": round(residual, 3) if np.isfinite(residual) else None,
+                   "resolved": [bool(r) for r in resolved]}
+
+
+def estimate_oversampling(volume: np.ndarray, config: PipelineConfig, *, details: bool = False):
+    """Per-axis oversampling (3,) and the overall one (geometric mean), from the central peak's width.
+
+    sigma_k = s_k / ``config.central_peak_ratio`` (``central_peak_width``; the ratio is calibrated on the
+    simulator's crystals). An axis whose width is not resolved gets the bound ``UNRESOLVED_WIDTH / ratio``
+    (the map is at most that finely sampled there) and ``resolved`` False; the caller warns
+    (``SAMPLING_UNDETERMINED``). ``details`` adds, per axis, the width in voxels, whether it is resolved and
+    the estimate's confidence (``high``; ``low``: below the Nyquist rate of the intensity (2) or an
+    irregular central peak; ``none``: not resolved), and the fit's residual.
+    """
+    width, info = central_peak_width(volume)
+    ratio = config.central_peak_ratio
+    resolved = np.array(info["resolved"])
+    per_axis = np.where(resolved, width / ratio, UNRESOLVED_WIDTH / ratio)
     overall = float(np.exp(np.log(per_axis).mean()))
     if not details:
         return per_axis, overall
-    floors = [float(p[1:].min()) if p.size > 1 else 1.0 for p in profiles]
-    return per_axis, overall, {"resolved": [f < config.oversampling_threshold for f in floors],
-                               "floor": [round(f, 4) for f in floors]}
+    irregular = info["residual"] is None or info["residual"] > IRREGULAR_RESIDUAL
+    confidence = ["none" if not r else ("low" if (s < 2.0 or irregular) else "high") for r, s in zip(resolved, per_axis)]
+    return per_axis, overall, {
+        "method": "central_peak", "resolved": info["resolved"], "confidence": confidence,
+        "peak_width_voxels": [round(float(w), 3) if np.isfinite(w) else None for w in width],
+        "fit_residual": info["residual"], "fit_points": info["points"]}
+
+
+# -- a second handle, for evaluation: the autocorrelation's support -----------------------------------------
+def autocorrelation_oversampling(volume: np.ndarray, threshold: float = 0.02) -> tuple[np.ndarray, list[float]]:
+    """Per-axis oversampling from the autocorrelation's support (``fit_autocorrelation_width``) and each
+    profile's floor. Exact on coherent simulated maps; on measured maps partial coherence, background and
+    gridding hold the profile up and the support is not seen (docs/eval/sampling_estimators.json), which is
+    why ``prepare`` uses the central peak."""
+    profiles = autocorrelation_profiles(volume)
+    per_axis = np.array([n / fit_autocorrelation_width(p, n, threshold)[0] for n, p in zip(volume.shape, profiles)])
+    return per_axis, [float(p[1:].min()) if p.size > 1 else 1.0 for p in profiles]
 
 
 def crystal_extent_nm(per_axis: Sequence[float], voxel_size: Sequence[float] | None) -> list[float] | None:
@@ -131,45 +196,46 @@ def crystal_extent_nm(per_axis: Sequence[float], voxel_size: Sequence[float] | N
 
 
 def undetermined_warning(info: dict, config: PipelineConfig) -> dict | None:
-    """The warning of a map along whose axes the crystal's edge was not seen (``estimate_oversampling``)."""
+    """The warning of a map along whose axes the central peak is not resolved (``estimate_oversampling``)."""
     axes = [k for k, ok in enumerate(info["resolved"]) if not ok]
     if not axes:
         return None
-    floors = ", ".join(f"axis {k}: {info['floor'][k]:.3f}" for k in axes)
+    widths = ", ".join(f"axis {k}: {info['peak_width_voxels'][k]}" for k in axes)
     return make_warning(
         "SAMPLING_UNDETERMINED",
-        f"the crystal's extent is not seen along {len(axes)} axis(es): the map's autocorrelation never falls "
-        f"below {config.oversampling_threshold:g} ({floors}): the map is under-sampled there (oversampling < 2, "
-        "its fringes are not resolved) or background, streaks, a second scatterer or gridding artefacts hold it "
-        "up; the oversampling estimate there, and the resampling built on it, are not reliable")
+        f"the crystal's extent is not determined along {len(axes)} axis(es): the central peak is narrower than "
+        f"{UNRESOLVED_WIDTH:g} voxel or not a smooth maximum there (width {widths}): the map is too coarsely "
+        "sampled (oversampling below ~1.2) or the peak is cut; its sampling, and the answer, are not reliable")
 
 
-def resample_factor(overall: float, config: PipelineConfig) -> float:
-    """1 inside ``config.oversampling_range``; else the factor that brings ``overall`` to the nearest bound."""
+def resample_factors(per_axis, config: PipelineConfig) -> np.ndarray:
+    """Per-axis resampling factors (> 1: finer q sampling): to ``config.oversampling_target`` on every axis,
+    or, without a target, each axis outside ``config.oversampling_range`` to its nearest bound; all ones
+    without a range. A factor within 1 % of 1 is 1 (no resampling for a map already there)."""
+    per_axis = np.asarray(per_axis, dtype=np.float64)
     if config.oversampling_range is None:
-        return 1.0
+        return np.ones(3)
     lo, hi = config.oversampling_range
-    if overall < lo:
-        return lo / overall
-    if overall > hi:
-        return hi / overall
-    return 1.0
+    target = np.full(3, config.oversampling_target) if config.oversampling_target is not None else np.clip(per_axis, lo, hi)
+    factors = target / per_axis
+    return np.where(np.abs(factors - 1.0) < 0.01, 1.0, factors)
 
 
-def resample(volume: np.ndarray, factor: float, *, centre: Sequence[float] | None = None,
+def resample(volume: np.ndarray, factor, *, centre: Sequence[float] | None = None,
              shape: Sequence[int] | None = None) -> np.ndarray:
-    """Isotropic resampling: ``factor`` > 1 samples q more finely (oversampling x factor).
+    """Resampling by ``factor`` (one number, or one per axis): > 1 samples q more finely (oversampling x factor).
 
     Without ``centre``/``shape`` the whole map is resampled about its centre to round(n * factor) voxels.
     With them, only the window of ``shape`` whose voxel ``shape // 2`` sits on source position ``centre``
     is computed (zeros beyond the source), so a large input costs no more than the window; an integer
     ``centre`` keeps the peak voxel's value exactly. Linear interpolation (no negative intensities).
     """
-    if not factor > 0:
-        raise ValueError(f"resampling factor must be positive, got {factor!r}")
-    step = np.full(3, 1.0 / factor)
+    factor = np.broadcast_to(np.asarray(factor, dtype=np.float64), (3,))
+    if not np.all(factor > 0):
+        raise ValueError(f"resampling factors must be positive, got {factor.tolist()!r}")
+    step = 1.0 / factor
     if shape is None:
-        shape = tuple(max(1, int(round(n * factor))) for n in volume.shape)
+        shape = tuple(max(1, int(round(n * f))) for n, f in zip(volume.shape, factor))
         start = (np.asarray(volume.shape) - 1) / 2 - step * (np.asarray(shape) - 1) / 2
     else:
         if centre is None:
@@ -178,12 +244,18 @@ def resample(volume: np.ndarray, factor: float, *, centre: Sequence[float] | Non
     return zoom_linear(volume, step, start, shape)
 
 
-def oversampling_warning(per_axis: np.ndarray, overall: float, factor: float, config: PipelineConfig) -> dict:
+def oversampling_warning(per_axis, factors, config: PipelineConfig) -> dict | None:
+    """``OVERSAMPLING_OUT_OF_RANGE`` when an axis lies outside the trained range (the map is resampled into
+    it; below 2 the fringes the network was trained on are not in the data and resampling cannot add them)."""
     lo, hi = config.oversampling_range
+    per_axis = np.asarray(per_axis, dtype=np.float64)
+    if np.all((per_axis >= lo) & (per_axis <= hi)):
+        return None
     axes = ", ".join(f"{s:.2f}" for s in per_axis)
+    after = ", ".join(f"{s * f:.2f}" for s, f in zip(per_axis, factors))
     return make_warning(
         "OVERSAMPLING_OUT_OF_RANGE",
-        f"oversampling estimated {overall:.2f} (per axis {axes}) is outside the trained range "
-        f"[{lo:g}, {hi:g}]: map resampled by x{factor:.3f} to {overall * factor:.2f}",
+        f"oversampling estimated {axes} per axis, outside the trained range [{lo:g}, {hi:g}]: map resampled "
+        f"per axis by x{', x'.join(f'{f:.3f}' for f in factors)} to {after}"
+        + ("; below 2 the intensity is under-sampled, and the fringes it lacks cannot be restored" if per_axis.min() < 2 else ""),
     )
-

@@ -1,7 +1,7 @@
 """The preparation pipeline: one map in any orthonormal frame -> the model's 64^3 float32 input (SPEC §2).
 
 validate -> mask -> frame conversion -> find the peak -> crop/pad around it (isolated hot voxels
-suppressed) -> estimate the oversampling and, outside the trained range, resample -> whole-voxel centre
+suppressed) -> estimate the oversampling per axis (central peak) and resample per axis onto the trained sampling -> whole-voxel centre
 of mass on shape // 2 -> intensity transform -> normalise. Each step is a function of its own module
 (validate, frames, centring, oversampling, intensity); this module only composes them.
 
@@ -36,7 +36,7 @@ from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import (
-    crystal_extent_nm, estimate_oversampling, oversampling_warning, resample, resample_factor, undetermined_warning,
+    crystal_extent_nm, estimate_oversampling, oversampling_warning, resample, resample_factors, undetermined_warning,
 )
 from defectscope.preprocessing.validate import (
     amplitude_to_intensity, check_declared, check_intensity, check_range, check_values, make_warning,
@@ -100,7 +100,7 @@ def prepare(
     per_axis, overall = preparation.estimate()
     prepared = preparation.finish(per_axis, overall)
     if sampling_check:
-        prepared.variant_oversampling, prepared.variants = preparation.sampling_variants(overall)
+        prepared.variant_oversampling, prepared.variants = preparation.sampling_variants(per_axis)
     return prepared
 
 
@@ -118,11 +118,11 @@ def window_margin(shape) -> np.ndarray:
     return np.array([max(4, int(n) // _MARGIN_FRACTION) for n in shape])
 
 
-def source_extent(shape, factor: float) -> np.ndarray:
-    """Voxels per axis of the source a window of ``shape`` reads when resampled by ``factor``: the window,
-    its margins, and what a factor < 1 (coarser sampling) pulls in from further out."""
+def source_extent(shape, factor) -> np.ndarray:
+    """Voxels per axis of the source a window of ``shape`` reads when resampled by ``factor`` (one number or
+    one per axis): the window, its margins, and what a factor < 1 (coarser sampling) pulls in from further out."""
     shape = np.asarray(shape)
-    return np.ceil((shape + 2 * window_margin(shape)) / min(1.0, factor)) + 2
+    return np.ceil((shape + 2 * window_margin(shape)) / np.minimum(1.0, np.asarray(factor, dtype=np.float64))) + 2
 
 
 class Preparation:
@@ -178,16 +178,21 @@ class Preparation:
         per_axis, overall, self._sampling = estimate_oversampling(self.window, self.config, details=True)
         return per_axis, overall
 
-    def sampling_variants(self, overall: float) -> tuple[tuple[float, ...], np.ndarray | None]:
-        """The map prepared at oversamplings spread across the trained range (``SAMPLING_CHECK_FRACTIONS``),
-        each resampled from the source by ``target / overall`` (per-axis ratios kept): ``(targets, [k, *shape])``.
+    def sampling_variants(self, per_axis) -> tuple[tuple[float, ...], np.ndarray | None]:
+        """The map prepared at oversamplings spread across the trained range (``SAMPLING_CHECK_FRACTIONS``):
+        ``(targets, [k, *shape])``. With ``config.oversampling_target`` every axis is put on each target (as
+        the map itself is on the target); without, the map is scaled by ``target / overall`` on all axes, keeping
+        its per-axis ratios.
         The model was trained across that whole range, so a trustworthy answer is the same at each; where it
         is not, the answer depends on how the map happened to be sampled. ``((), None)`` without a range."""
         targets = sampling_targets(self.config)
-        if not targets or not overall > 0:
+        per_axis = np.asarray(per_axis, dtype=np.float64)
+        if not targets or not np.all(per_axis > 0):
             return (), None
+        if self.config.oversampling_target is None:
+            per_axis = np.full(3, np.exp(np.log(per_axis).mean()))
         arrays = [
-            self._finish_window(*_resample_and_centre(self.source, self.peak_index, t / overall, self.shape,
+            self._finish_window(*_resample_and_centre(self.source, self.peak_index, t / per_axis, self.shape,
                                                       self.margin)).array
             for t in targets
         ]
@@ -207,12 +212,14 @@ class Preparation:
         """The prepared map for this estimate; ``unresampled`` (from ``centre_unresampled``) is used when
         the estimate needs no resampling, instead of centring again."""
         config, shape, warnings = self.config, self.shape, list(self.warnings)
-        factor = resample_factor(overall, config)
-        if factor == 1.0:
+        factors = resample_factors(per_axis, config)
+        if np.all(factors == 1.0):
             done = unresampled if unresampled is not None else self.centre_unresampled()
         else:
-            warnings.append(oversampling_warning(per_axis, overall, factor, config))
-            done = self._finish_window(*_resample_and_centre(self.source, self.peak_index, factor, shape, self.margin))
+            done = self._finish_window(*_resample_and_centre(self.source, self.peak_index, factors, shape, self.margin))
+        out_of_range = oversampling_warning(per_axis, factors, config) if config.oversampling_range else None
+        if out_of_range is not None:
+            warnings.append(out_of_range)
         centred, window_centre = done.centred, done.window_centre
         if done.com is not None:
             warnings.append(make_warning(
@@ -222,7 +229,8 @@ class Preparation:
             ))
         input_shape, input_dtype, masked, size, work, intensity = self._input
         peak, source = self.peak, self.source
-        sampling = getattr(self, "_sampling", None) or {"resolved": [True] * 3, "floor": [None] * 3}
+        sampling = getattr(self, "_sampling", None) or {"resolved": [True] * 3, "confidence": [None] * 3,
+                                                        "peak_width_voxels": [None] * 3, "method": None}
         undetermined = undetermined_warning(sampling, config)
         if undetermined is not None:
             warnings.append(undetermined)
@@ -243,10 +251,12 @@ class Preparation:
             # What the oversampling implies (2 pi / (sigma dq)), when the map's voxel size is known.
             "crystal_extent_nm": crystal_extent_nm(per_axis, source.info.get("voxel_size_out")),
             "oversampling_resolved": list(sampling["resolved"]),
-            "autocorrelation_floor": list(sampling["floor"]),
+            "oversampling_confidence": list(sampling["confidence"]),
+            "oversampling_method": sampling["method"],
+            "central_peak_width_voxels": list(sampling["peak_width_voxels"]),
             "oversampling": round(overall, 3),
-            "resample_factor": round(factor, 4),
-            "oversampling_after": round(overall * factor, 3),
+            "resample_factor": [round(float(f), 4) for f in factors],
+            "oversampling_after": [round(float(s * f), 3) for s, f in zip(per_axis, factors)],
             "com_shift": list(centred.shift),
             "window_centre": [round(c, 3) for c in window_centre],
             "com_iterations": centred.iterations,

@@ -246,9 +246,9 @@ class Classifier:
         finally:
             per_axis, overall = estimate.result()  # never leave it running behind a failure
         prepared = preparation.finish(per_axis, overall, unresampled)
-        if prepared.report["resample_factor"] != 1.0:
+        if any(f != 1.0 for f in prepared.report["resample_factor"]):
             probabilities = self._infer(prepared.array[np.newaxis], timings)
-        variants = preparation.sampling_variants(overall) if self.sampling_check else ((), None)
+        variants = preparation.sampling_variants(per_axis) if self.sampling_check else ((), None)
         timings["prepare"] = (time.perf_counter() - t1) * 1e3 - timings["infer"]
         staged = _Staged(request, prepared.array[np.newaxis], warnings, [prepared.warnings], [prepared.report],
                          timings, t0, prior_ms, [variants])
@@ -394,21 +394,21 @@ class Classifier:
         def prepared(vol):
             preparation = Preparation(vol, config, limits=self.limits, **kw)
             per_axis, overall = preparation.estimate()
-            return preparation, preparation.finish(per_axis, overall), overall
+            return preparation, preparation.finish(per_axis, overall), per_axis
 
         try:
-            preparation, p, overall = prepared(volume)
+            preparation, p, per_axis = prepared(volume)
             # The smallest factor the map is resampled by: its own, or a sampling-check variant's.
             targets = sampling_targets(config) if self.sampling_check else ()
-            factors = [p.report["resample_factor"], *(t / overall for t in targets)]
-            needed = source_extent(config.shape, min(factors))
+            factors = [p.report["resample_factor"], *(t / np.asarray(per_axis) for t in targets)]
+            needed = source_extent(config.shape, np.min(factors, axis=0))
             box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
             if np.any((needed > box) & (box < grid)):
                 qmap, where = self.orthonormaliser.finish_window(
                     state, np.maximum(box, needed).astype(int), centre=where["window_centre"], close=False)
-                preparation, p, overall = prepared(qmap.volume)
+                preparation, p, per_axis = prepared(qmap.volume)
             if self.sampling_check:  # made once, from the box the map was finally prepared from
-                p.variant_oversampling, p.variants = preparation.sampling_variants(overall)
+                p.variant_oversampling, p.variants = preparation.sampling_variants(per_axis)
         finally:
             state.total = np.empty(0)  # the sums are spent
         p.report["scan_window"] = where

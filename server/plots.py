@@ -40,8 +40,11 @@ def sampling_caption(reply: dict) -> str:
     prep = reply.get("preparation") or {}
     parts = []
     if prep.get("oversampling_per_axis"):
+        factors = np.broadcast_to(np.asarray(prep.get("resample_factor", 1.0), float), (3,))
+        confidence = prep.get("oversampling_confidence") or []
         parts.append("oversampling " + ", ".join(f"{s:.2f}" for s in prep["oversampling_per_axis"])
-                     + (f" (resampled x{prep['resample_factor']:.2f})" if prep.get("resample_factor", 1.0) != 1.0 else ""))
+                     + (f" (confidence {', '.join(str(c) for c in confidence)})" if any(confidence) else "")
+                     + (f", resampled x{', x'.join(f'{f:.2f}' for f in factors)}" if np.any(factors != 1.0) else ""))
     if prep.get("crystal_extent_nm"):
         parts.append("crystal " + " x ".join(f"{e:.0f}" for e in prep["crystal_extent_nm"]) + " nm")
     warnings = [w["reason"] for w in reply.get("warnings", [])]
@@ -56,7 +59,7 @@ def fringe_bars(axes_row, reply: dict) -> None:
     prep = reply.get("preparation") or {}
     if not prep.get("oversampling_per_axis"):
         return
-    period = np.asarray(prep["oversampling_per_axis"], float) * float(prep.get("resample_factor", 1.0))
+    period = np.asarray(prep["oversampling_per_axis"], float) * np.asarray(prep.get("resample_factor", 1.0), float)
     pairs = ((1, 2), (0, 2), (0, 1))  # (rows, columns) of each slice, as slice_panel draws them
     for ax, (ry, rx) in zip(axes_row, pairs):
         ax.plot([2, 2 + period[rx]], [2, 2], color="white", lw=1.5)

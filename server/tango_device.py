@@ -180,6 +180,11 @@ class DefectClassifier(DeviceLogic, Device):
     def oversampling(self):
         return self._last.oversampling
 
+    @attribute(dtype=(str,), max_dim_x=3,
+               doc="confidence of the oversampling estimate per axis: high, low (under-sampled or irregular peak), none")
+    def oversampling_confidence(self):
+        return list(self._last.oversampling_confidence)
+
     @attribute(dtype=(float,), max_dim_x=3, unit="nm",
                doc="crystal extent per axis implied by the oversampling (empty when the voxel size is unknown)")
     def crystal_extent_nm(self):

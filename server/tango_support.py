@@ -50,6 +50,7 @@ class LastResult:
     oversampling: np.ndarray = field(default_factory=lambda: np.zeros(0))
     crystal_extent_nm: np.ndarray = field(default_factory=lambda: np.zeros(0))
     warnings: tuple[str, ...] = ()
+    oversampling_confidence: tuple[str, ...] = ()
 
 
 def _warm_up(classifier: Classifier) -> None:
@@ -221,7 +222,8 @@ class DeviceLogic:
                                     request.request_id, float(reply["timings_ms"]["total"]), text,
                                     np.asarray(prep.get("oversampling_per_axis") or [], dtype=np.float64),
                                     np.asarray(prep.get("crystal_extent_nm") or [], dtype=np.float64),
-                                    tuple(w["reason"] for w in reply.get("warnings", [])))
+                                    tuple(w["reason"] for w in reply.get("warnings", [])),
+                                    tuple(str(c) for c in prep.get("oversampling_confidence") or ()))
             self.push_change_event("probabilities", self._last.probabilities)
             self.push_change_event("label", self._last.label)
             return text

@@ -82,9 +82,12 @@ def test_bad_json_refused(text):
     ("peak_com_halfwidth", 0),
     ("peak_com_halfwidth", 2.5),
     ("edge_margin", -1),
-    ("oversampling_threshold", 0.0),
-    ("oversampling_threshold", 0.9),
-    ("oversampling_threshold", float("nan")),
+    ("central_peak_ratio", 0.0),
+    ("central_peak_ratio", 9.0),
+    ("central_peak_ratio", float("nan")),
+    ("oversampling_target", 5.0),
+    ("oversampling_target", float("nan")),
+    ("oversampling_target", True),
     ("min_peak_counts", -1.0),
     ("low_counts_peak", float("inf")),
     ("negative_clip_fraction", 1.5),
@@ -121,3 +124,19 @@ def test_the_run_configs_in_training_configs_load(name):
         from defectscope.training.model import ARCHITECTURES, Architecture
 
         assert Architecture.from_dict(train["architecture"]) == ARCHITECTURES["paper-3class"]
+
+
+def test_schema_1_is_patched_forward():
+    # A v1 model file (autocorrelation estimate, one resampling factor) keeps its trained range, loses the
+    # threshold of the estimate it no longer uses, and gets no fixed target.
+    d = PipelineConfig().to_dict()
+    d.update(schema_version=1, oversampling_threshold=0.02, oversampling_range=[2.0, 3.5])
+    del d["oversampling_target"], d["central_peak_ratio"]
+    config = PipelineConfig.from_dict(d)
+    assert config.schema_version == SCHEMA_VERSION == 2
+    assert config.oversampling_range == (2.0, 3.5) and config.oversampling_target is None
+
+
+def test_target_needs_a_range():
+    with pytest.raises(BadMessage, match="oversampling_target"):
+        PipelineConfig(oversampling_range=None, oversampling_target=3.0)

@@ -154,7 +154,8 @@ def classify(classifier, volume, voxel) -> dict:
     prep = reply["preparation"]
     return {"label": reply["label"], "probabilities": [round(float(x), 4) for x in reply["probabilities"]],
             "oversampling_per_axis": prep["oversampling_per_axis"], "resample_factor": prep["resample_factor"],
-            "crystal_extent_nm": prep.get("crystal_extent_nm"), "sampling_check": prep.get("sampling_check"),
+            "crystal_extent_nm": prep.get("crystal_extent_nm"), "oversampling_confidence": prep.get("oversampling_confidence"),
+            "sampling_check": prep.get("sampling_check"),
             "warnings": [w["reason"] for w in reply["warnings"]]}
 
 
