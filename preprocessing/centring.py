@@ -144,13 +144,16 @@ def _block_maxima(volume: np.ndarray, block: int) -> tuple[tuple[int, int, int],
     else:
         padded = volume
     b = tuple(k // block for k in padded_shape)
-    # One axis at a time: numpy's multi-axis max over a 6-D view is ten times slower. One pass over the
-    # data instead of a partial sort of every voxel; distinct blocks also keep a cluster of hot voxels
-    # from filling every candidate slot.
+    # One axis at a time: numpy's multi-axis max over a 6-D view is ten times slower. The last axis, whose
+    # blocks are ``block`` adjacent values, is reduced as the maximum of ``block`` strided views (a
+    # length-4 inner reduction is slow in numpy). One pass over the data instead of a partial sort of
+    # every voxel; distinct blocks also keep a cluster of hot voxels from filling every candidate slot.
     m = padded.reshape(b[0], block, -1).max(axis=1)
     m = m.reshape(b[0], b[1], block, -1).max(axis=2)
-    m = m.reshape(b[0], b[1], b[2], block).max(axis=3)
-    return b, m
+    out = m[..., 0::block].copy()
+    for j in range(1, block):
+        np.maximum(out, m[..., j::block], out=out)
+    return b, out
 
 
 def _neighbourhood_medians(volume: np.ndarray, points: Sequence[Sequence[int]], size: int) -> np.ndarray:
@@ -173,8 +176,11 @@ def _median_filtered(volume: np.ndarray, lo: Sequence[int], hi: Sequence[int], s
     index = [np.clip(np.arange(lo[k] - r, hi[k] + r + 1), 0, volume.shape[k] - 1) for k in range(3)]
     region = volume[np.ix_(*index)].astype(np.float32, copy=False)
     windows = np.lib.stride_tricks.sliding_window_view(region, (size, size, size))
-    flat = windows.reshape(*windows.shape[:3], size**3)
-    return np.median(flat, axis=-1).astype(np.float32)
+    flat = windows.reshape(-1, size**3)
+    # An odd count: the median is the middle element, found by a partition (np.median's own machinery
+    # costs five times more on these short rows; the value is the same element).
+    middle = size**3 // 2
+    return np.partition(flat, middle, axis=-1)[:, middle].reshape(windows.shape[:3]).astype(np.float32)
 
 
 def isolated_voxels(volume: np.ndarray, floor: float, ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -187,20 +193,22 @@ def isolated_voxels(volume: np.ndarray, floor: float, ratio: float) -> tuple[np.
     n = volume.shape
     flat = np.ascontiguousarray(volume).reshape(-1)
     # An isolated voxel exceeds ratio x max(neighbours, 1) >= ratio, so only voxels above both bounds
-    # are examined: one comparison pass, then gathers over a few thousand voxels at most.
+    # are examined: one comparison pass, then gathers over a few thousand voxels at most (flat indices and
+    # integer arithmetic: few numpy calls, as these arrays are small).
     index = np.flatnonzero(flat > max(floor, ratio))
-    coords = np.stack(np.unravel_index(index, n), axis=1)
-    inner = np.all((coords > 0) & (coords < np.asarray(n) - 1), axis=1)
-    index, coords = index[inner], coords[inner]
+    plane = n[1] * n[2]
+    i0, rest = np.divmod(index, plane)
+    i1, i2 = np.divmod(rest, n[2])
+    inner = (i0 > 0) & (i0 < n[0] - 1) & (i1 > 0) & (i1 < n[1] - 1) & (i2 > 0) & (i2 < n[2] - 1)
+    index = index[inner]
     if index.size == 0:
-        return coords.reshape(0, 3), np.zeros(0, volume.dtype)
-    strides = np.array([n[1] * n[2], n[2], 1])
-    neighbours = (index[:, None] + np.concatenate([strides, -strides])[None]).reshape(-1)
-    brightest = flat[neighbours].reshape(-1, 6).max(axis=1)
+        return np.zeros((0, 3), dtype=np.intp), np.zeros(0, volume.dtype)
+    brightest = np.maximum.reduce([flat[index + d] for d in (plane, -plane, n[2], -n[2], 1, -1)])
     # Neighbours under one count count as one: at low counts a few photons next to empty voxels are
     # ordinary Poisson noise, while a hot pixel stands ``ratio`` counts above nothing.
     isolated = flat[index] > ratio * np.maximum(brightest, 1)
-    return coords[isolated], brightest[isolated]
+    coords = np.stack([i0[inner][isolated], i1[inner][isolated], i2[inner][isolated]], axis=1)
+    return coords, brightest[isolated]
 
 
 def centre_of_mass(volume: np.ndarray) -> np.ndarray:
@@ -252,22 +260,41 @@ def centre_of_mass_shift(
     target = np.array([n // 2 for n in shape])
     start = np.array([int(c) for c in centre])
     current = start.copy()
-    seen: dict[tuple, tuple[float, np.ndarray]] = {}
+    seen: dict[tuple, float] = {}
     for iteration in range(1, max_iterations + 1):
-        window = crop_pad(source, current, shape)
-        try:
-            com = centre_of_mass(window)
-        except ValueError:
+        # The window's centre of mass from the source in place (no copy per re-cut: zero padding adds nothing).
+        com = _window_centre_of_mass(source, current, shape)
+        if com is None:
             break  # an empty window (only when the source is empty around the start)
         step = np.floor(com + 0.5).astype(int) - target  # round half up (np.round rounds half to even)
         key = tuple(current)
-        seen[key] = (float(np.abs(com - target).max()), window)
+        seen[key] = float(np.abs(com - target).max())
         if not step.any():
+            window = crop_pad(source, current, shape)
             return CentredWindow(window, tuple(int(c) for c in current), tuple(int(s) for s in current - start), iteration, True)
         current = current + step
         if tuple(current) in seen:
             break  # a cycle: content entering and leaving makes the centre of mass oscillate
-    best = min(seen, key=lambda k: seen[k][0]) if seen else tuple(current)
-    window = seen[best][1] if seen else crop_pad(source, best, shape)
+    best = min(seen, key=lambda k: seen[k]) if seen else tuple(current)
+    window = crop_pad(source, best, shape)
     best_arr = np.array(best)
     return CentredWindow(window, tuple(int(c) for c in best_arr), tuple(int(s) for s in best_arr - start), len(seen), False)
+
+
+def _window_centre_of_mass(source: np.ndarray, centre: Sequence[int], shape: Sequence[int]) -> np.ndarray | None:
+    """``centre_of_mass(crop_pad(source, centre, shape))`` without making the window (None if it sums to
+    <= 0): the part of it inside the source is a view, and the zeros around it add nothing. The two
+    marginals are float32 sums (einsum, as ``centre_of_mass`` sums in the volume's dtype); the rest float64."""
+    start = [int(centre[k]) - shape[k] // 2 for k in range(3)]
+    lo = [max(start[k], 0) for k in range(3)]
+    hi = [min(start[k] + shape[k], source.shape[k]) for k in range(3)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return None
+    part = source[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    plane = np.einsum("ijk->jk", part).astype(np.float64)
+    total = plane.sum()
+    if not total > 0:
+        return None
+    s0 = np.einsum("ijk->i", part).astype(np.float64)
+    positions = [np.arange(lo[k], hi[k]) - start[k] for k in range(3)]
+    return np.array([s0 @ positions[0], plane.sum(axis=1) @ positions[1], plane.sum(axis=0) @ positions[2]]) / total

@@ -124,9 +124,14 @@ def central_peak_width(volume: np.ndarray) -> tuple[np.ndarray, dict]:
     streaks, background and masks far from the peak do not move it. ``info``: the fit's points, its rms
     residual and, per axis, whether the width is resolved.
     """
-    v = np.asarray(volume, dtype=np.float64)
+    volume = np.asarray(volume)
+    mid = np.array(volume.shape) // 2
+    # Only the voxels within 2 h of the middle are read: they alone are made float64 (not the whole map).
+    reach = tuple(slice(max(m - 2 * CENTRAL_PEAK_HALF, 0), m + 2 * CENTRAL_PEAK_HALF + 1) for m in mid)
+    v = np.asarray(volume[reach], dtype=np.float64)
+    offset = np.array([s.start for s in reach])
+    mid = mid - offset
     n = np.array(v.shape)
-    mid = n // 2
     near = tuple(slice(max(m - CENTRAL_PEAK_HALF, 0), m + CENTRAL_PEAK_HALF + 1) for m in mid)
     local = np.array(np.unravel_index(int(np.argmax(v[near])), v[near].shape))
     peak = local + np.array([s.start for s in near])
