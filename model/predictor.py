@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscope.errors import ModelUnavailable, ShapeMismatch
+from defectscope.model.decision import OOD_OUTPUT, DecisionRule, parse_decision
 from defectscope.model.metadata import INPUT_NAME, OUTPUT_NAME, ModelContract, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class Predictor:
         except Exception as exc:  # onnxruntime raises its own types for corrupt or foreign files
             raise ModelUnavailable(f"model file {str(self.path)!r} cannot be loaded: {exc}".splitlines()[0]) from None
 
-        self.contract: ModelContract = parse_metadata(
-            self._session.get_modelmeta().custom_metadata_map, source=str(self.path)
-        )
+        props = self._session.get_modelmeta().custom_metadata_map
+        self.contract: ModelContract = parse_metadata(props, source=str(self.path))
+        self.decision: DecisionRule = parse_decision(props, source=str(self.path))
         self._check_signature()
         self.provider = self._session.get_providers()[0]
         # Degraded: the operator asked for a GPU and is not getting one (Tango ALARM, health "degraded").
@@ -110,6 +111,8 @@ class Predictor:
         if len(shape) != 5 or [int(s) if isinstance(s, int) else s for s in shape[1:]] != expected:
             raise ModelUnavailable(f"{self.path}: input {INPUT_NAME} has shape {shape}, expected [batch, {expected}]")
         self._fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        # The out-of-distribution score, when the model file computes one (model.decision).
+        self._outputs = [OUTPUT_NAME, OOD_OUTPUT] if OOD_OUTPUT in names_out else [OUTPUT_NAME]
         n_out = outputs[names_out.index(OUTPUT_NAME)].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.contract.classes):
             raise ModelUnavailable(f"{self.path}: {n_out} outputs but card lists {len(self.contract.classes)} classes")
@@ -136,8 +139,17 @@ class Predictor:
         """The model identity every reply carries (SPEC §4 ``model``)."""
         return {"name": self.contract.name, "version": self.contract.version, "sha256": self.sha256}
 
+    @property
+    def has_ood(self) -> bool:
+        return len(self._outputs) > 1
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``[B, n_classes]`` (float32) for prepared maps ``[B, *shape]`` or ``[B, *shape, 1]``."""
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, when the model computes it, the out-of-distribution score ``[B]`` (else None),
+        from one inference call."""
         shape = self.contract.pipeline.shape
         if batch.ndim == 4:
             batch = batch[..., np.newaxis]
@@ -153,9 +165,12 @@ class Predictor:
             batch = np.where(subnormal, np.float32(0), batch)
         if self._fixed_batch and batch.shape[0] != self._fixed_batch:
             parts = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
-            return np.concatenate(parts, axis=0)
+            ood = [p[1] for p in parts]
+            return (np.concatenate([p[0] for p in parts], axis=0),
+                    None if ood[0] is None else np.concatenate(ood, axis=0))
         return self._run(batch)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        (probabilities,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-        return np.asarray(probabilities, dtype=np.float32)
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self._session.run(self._outputs, {INPUT_NAME: batch})
+        ood = np.asarray(out[1], dtype=np.float32).reshape(-1) if len(out) > 1 else None
+        return np.asarray(out[0], dtype=np.float32), ood

@@ -47,7 +47,7 @@ WARNING_REASONS = (
     "OVERSAMPLING_OUT_OF_RANGE", "CENTRING_NOT_CONVERGED", "RELATIVE_INTENSITY",
     "SAMPLING_UNDETERMINED",
     # Given by the classifier (server.core), which has the models to compare answers:
-    "SAMPLING_SENSITIVE", "MODELS_DISAGREE",
+    "SAMPLING_SENSITIVE", "MODELS_DISAGREE", "OUT_OF_DISTRIBUTION",
 )
 # The centre-of-mass search and the resampling read real data beyond the model's window: this fraction
 # of the window on every side (the source is re-made around the new centre if that is not enough).

@@ -4,6 +4,9 @@
   range (``Preparation.sampling_variants``); a label that changes is warned ``SAMPLING_SENSITIVE``.
 - ``check_models``: a second model asked on the same prepared map; P(defective) that differs by more
   than ``DISAGREEMENT`` is warned ``MODELS_DISAGREE``.
+- ``check_ood``: the model's out-of-distribution score (``model.decision``) above its threshold is warned
+  ``OUT_OF_DISTRIBUTION``.
+- ``decisions``: the reply's ``decision`` and ``verdict`` from the model's calibrated rule and the warnings.
 
 ``staged`` is the classifier's prepared request (its ``reports``, ``warnings_per``, ``variants``,
 ``prepared``, ``timings``); ``guarded`` runs a step so that any failure becomes a protocol reason.
@@ -15,6 +18,7 @@ import time
 
 import numpy as np
 
+from defectscope.model.decision import decide
 from defectscope.preprocessing.validate import make_warning
 
 # Largest |P(defective) by one model - P(defective) by the other| still called agreement (MODELS_DISAGREE).
@@ -68,3 +72,33 @@ def check_models(predictor, other, staged, probabilities: np.ndarray, guarded) -
                 "answer is reliable"))
     staged.timings["cross_check"] = (time.perf_counter() - t0) * 1e3
 
+
+
+def check_ood(predictor, staged, ood) -> None:
+    """Record each map's out-of-distribution score in its report and warn ``OUT_OF_DISTRIBUTION`` above the
+    model's threshold: the map is unlike anything the model was trained on, whatever its probabilities say."""
+    threshold = predictor.decision.ood_threshold
+    if ood is None:
+        return
+    for i, score in enumerate(ood):
+        staged.reports[i]["ood_score"] = round(float(score), 3)
+        if threshold is not None and not float(score) <= threshold:  # NaN is out of distribution too
+            staged.warnings_per[i].append(make_warning(
+                "OUT_OF_DISTRIBUTION",
+                f"the map is unlike the training data (out-of-distribution score {float(score):.1f} > {threshold:.1f}, "
+                "the 99th percentile of held-out simulated maps): the answer is not reliable"))
+
+
+def decisions(predictor, probabilities: np.ndarray, ood, warnings: list, warnings_per: list, batch: bool) -> dict:
+    """The reply's ``decision`` and ``verdict`` (lists for a batch) and ``decision_detail`` (``model.decision``)."""
+    rule = predictor.decision
+    common = [w["reason"] for w in warnings]
+    made = [decide(predictor.classes, row, rule, common + [w["reason"] for w in warnings_per[i]])
+            for i, row in enumerate(probabilities)]
+    detail = {"calibrated": rule.calibrated, "risk": rule.risk, "threshold": rule.threshold,
+              "defective_threshold": rule.defective_threshold, "ood_threshold": rule.ood_threshold}
+    if batch:
+        return {"decision": [m["decision"] for m in made], "verdict": [m["verdict"] for m in made],
+                "decision_detail": {**detail, "reasons": [m["reasons"] for m in made]}}
+    return {"decision": made[0]["decision"], "verdict": made[0]["verdict"],
+            "decision_detail": {**detail, "reasons": made[0]["reasons"]}}

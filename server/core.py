@@ -30,7 +30,7 @@ from defectscope.preprocessing.orthonormalise import Orthonormaliser
 from defectscope.preprocessing.pipeline import Preparation, prepare_each, sampling_targets, source_extent
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
-from defectscope.server.checks import DISAGREEMENT, check_models, check_sampling  # noqa: F401 (DISAGREEMENT: API)
+from defectscope.server.checks import DISAGREEMENT, check_models, check_ood, check_sampling, decisions  # noqa: F401
 from defectscope.server.job import Job, Outcome, ScanStream, _Staged, file_job, map_job, scan_job
 from defectscope.server.stats import Stats  # noqa: F401 (imported from here by the adapters)
 
@@ -223,8 +223,8 @@ class Classifier:
             staged = done  # not a single map: prepared in order
         else:
             staged = self._stage(request, volumes, decode_ms, prior_ms)
-        probabilities = self._guarded(request, lambda: self._infer(staged.prepared, staged.timings))
-        return self._reply(staged, probabilities)
+        probabilities, ood = self._guarded(request, lambda: self._infer(staged.prepared, staged.timings))
+        return self._reply(staged, probabilities, ood)
 
     def _overlapped(self, request: Request, volumes, decode_ms: float, prior_ms: float):
         """One map: the oversampling estimate runs in a helper thread while the window is centred and the
@@ -242,17 +242,17 @@ class Classifier:
         estimate = self._estimator().submit(preparation.estimate)
         try:
             unresampled = preparation.centre_unresampled()
-            probabilities = self._infer(unresampled.array[np.newaxis], timings)
+            probabilities, ood = self._infer(unresampled.array[np.newaxis], timings)
         finally:
             per_axis, overall = estimate.result()  # never leave it running behind a failure
         prepared = preparation.finish(per_axis, overall, unresampled)
         if any(f != 1.0 for f in prepared.report["resample_factor"]):
-            probabilities = self._infer(prepared.array[np.newaxis], timings)
+            probabilities, ood = self._infer(prepared.array[np.newaxis], timings)
         variants = preparation.sampling_variants(per_axis) if self.sampling_check else ((), None)
         timings["prepare"] = (time.perf_counter() - t1) * 1e3 - timings["infer"]
         staged = _Staged(request, prepared.array[np.newaxis], warnings, [prepared.warnings], [prepared.report],
                          timings, t0, prior_ms, [variants])
-        return self._reply(staged, probabilities)
+        return self._reply(staged, probabilities, ood)
 
     def _estimator(self) -> concurrent.futures.ThreadPoolExecutor:
         return self.estimators.get()
@@ -270,15 +270,15 @@ class Classifier:
         if staged:
             timings = {}
             try:
-                probabilities = self._guarded(staged[0][1].request,
-                                              lambda: self._infer(np.concatenate([s.prepared for _, s in staged]), timings))
+                probabilities, ood = self._guarded(
+                    staged[0][1].request, lambda: self._infer(np.concatenate([s.prepared for _, s in staged]), timings))
             except DefectscopeError as exc:
                 for k, _ in staged:
                     results[k] = exc
                 return results
             for row, (k, s) in enumerate(staged):
                 s.timings.update(infer=timings["infer"], batched=len(staged))
-                results[k] = self._reply(s, probabilities[row : row + 1])
+                results[k] = self._reply(s, probabilities[row : row + 1], None if ood is None else ood[row : row + 1])
         return results
 
     def _guarded(self, request: Request, step):
@@ -304,19 +304,21 @@ class Classifier:
         prepared, warnings, warnings_per, reports, variants = self._guarded(request, run)
         return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms, variants)
 
-    def _infer(self, prepared: np.ndarray, timings: dict) -> np.ndarray:
+    def _infer(self, prepared: np.ndarray, timings: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the out-of-distribution score (None when the model has none), one call."""
         t1 = time.perf_counter()
-        probabilities = self.predictor.predict(prepared)
+        probabilities, ood = self.predictor.run(prepared)
         timings["infer"] = (time.perf_counter() - t1) * 1e3
         if not np.all(np.isfinite(probabilities)):
             raise Internal("the model returned non-finite probabilities")
-        return probabilities
+        return probabilities, ood
 
-    def _reply(self, staged: "_Staged", probabilities: np.ndarray) -> Outcome:
+    def _reply(self, staged: "_Staged", probabilities: np.ndarray, ood: np.ndarray | None = None) -> Outcome:
         if any(v is not None for _, v in staged.variants):
             check_sampling(self.predictor, staged, probabilities, self._guarded)
         if self.cross_check is not None:
             check_models(self.predictor, self.cross_check, staged, probabilities, self._guarded)
+        check_ood(self.predictor, staged, ood)
         request, prepared, timings = staged.request, staged.prepared, staged.timings
         timings["total"] = timings["decode"] + staged.prior_ms + (time.perf_counter() - staged.t0) * 1e3
         batch = request.kind == "map" and request.array is not None and request.array.ndim == 4
@@ -337,6 +339,7 @@ class Classifier:
             "warnings": warnings + [w for ws in warnings_per for w in ws] if not batch
             else warnings + [dict(w, index=i) for i, ws in enumerate(warnings_per) for w in ws],
             "preparation": reports if batch else reports[0],
+            **decisions(self.predictor, probabilities, ood, warnings, warnings_per, batch),
         }
         frames = []
         if request.options.get("return_prepared"):

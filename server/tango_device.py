@@ -180,6 +180,14 @@ class DefectClassifier(DeviceLogic, Device):
     def oversampling(self):
         return self._last.oversampling
 
+    @attribute(dtype=str, doc="confident or uncertain: the model's calibrated decision on the last answer (SPEC §4)")
+    def decision(self):
+        return self._last.decision
+
+    @attribute(dtype=str, doc="the most specific confident answer: the label, 'defective' (character unclear) or 'uncertain'")
+    def verdict(self):
+        return self._last.verdict
+
     @attribute(dtype=(str,), max_dim_x=3,
                doc="confidence of the oversampling estimate per axis: high, low (under-sampled or irregular peak), none")
     def oversampling_confidence(self):

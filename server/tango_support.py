@@ -51,6 +51,8 @@ class LastResult:
     crystal_extent_nm: np.ndarray = field(default_factory=lambda: np.zeros(0))
     warnings: tuple[str, ...] = ()
     oversampling_confidence: tuple[str, ...] = ()
+    decision: str = ""
+    verdict: str = ""
 
 
 def _warm_up(classifier: Classifier) -> None:
@@ -223,7 +225,8 @@ class DeviceLogic:
                                     np.asarray(prep.get("oversampling_per_axis") or [], dtype=np.float64),
                                     np.asarray(prep.get("crystal_extent_nm") or [], dtype=np.float64),
                                     tuple(w["reason"] for w in reply.get("warnings", [])),
-                                    tuple(str(c) for c in prep.get("oversampling_confidence") or ()))
+                                    tuple(str(c) for c in prep.get("oversampling_confidence") or ()),
+                                    str(reply.get("decision", "")), str(reply.get("verdict", "")))
             self.push_change_event("probabilities", self._last.probabilities)
             self.push_change_event("label", self._last.label)
             return text

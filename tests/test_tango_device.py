@@ -325,6 +325,7 @@ def test_classify_file_raw_scan_with_the_device_preset_equals_zeromq_scan(device
     assert len(prep["crystal_extent_nm"]) == 3 and all(e > 0 for e in prep["crystal_extent_nm"])
     assert list(device.crystal_extent_nm) == pytest.approx(prep["crystal_extent_nm"])
     assert list(device.oversampling_confidence) == prep["oversampling_confidence"]
+    assert device.decision == reply["decision"] and device.verdict == reply["verdict"]
     assert list(device.warnings) == [w["reason"] for w in reply["warnings"]]
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.model.decision import UNRELIABLE  # the warnings with which a reply says its answer is not reliable
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "docs" / "eval" / "invariance.json"
@@ -155,12 +157,9 @@ def classify(classifier, volume, voxel) -> dict:
     return {"label": reply["label"], "probabilities": [round(float(x), 4) for x in reply["probabilities"]],
             "oversampling_per_axis": prep["oversampling_per_axis"], "resample_factor": prep["resample_factor"],
             "crystal_extent_nm": prep.get("crystal_extent_nm"), "oversampling_confidence": prep.get("oversampling_confidence"),
-            "sampling_check": prep.get("sampling_check"),
+            "sampling_check": prep.get("sampling_check"), "decision": reply.get("decision"), "verdict": reply.get("verdict"),
             "warnings": [w["reason"] for w in reply["warnings"]]}
 
-
-# Warnings with which a reply says its answer is not reliable.
-UNRELIABLE = ("SAMPLING_SENSITIVE", "MODELS_DISAGREE", "SAMPLING_UNDETERMINED")
 
 
 def defective(r: dict) -> bool:

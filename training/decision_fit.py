@@ -1,0 +1,249 @@
+"""Fit a model's decision rule and out-of-distribution score, and write them into a new model file.
+
+    python -m defectscope.training.decision_fit MODEL.onnx --fit FIT.h5 --calibrate CAL.h5 --out NEW.onnx
+        [--risk 0.02] [--version V] [--report docs/eval/decision_<name>.json]
+
+- Out-of-distribution score: the Mahalanobis distance of the network's penultimate features (the input of its
+  last dense layer) to the nearest class mean, with one covariance shared by the classes (shrunk towards its
+  mean variance), fitted on the prepared maps of ``--fit`` (training-distribution data). The computation is
+  added to the ONNX graph as the output ``ood_score``, so it costs nothing beside the inference.
+  ``ood_threshold`` is its 99th percentile on ``--calibrate`` (held-out maps of the same distribution).
+- Decision threshold: the smallest maximum probability at which the answers of ``--calibrate`` that reach it
+  are wrong at most ``--risk`` of the time (selective risk); for a 3-class model also the threshold of
+  max(P(defective), P(defect_free)) at which the defect question alone is that reliable.
+
+Both go into the model file (``model.decision``: metadata ``defectscope.decision``) with the card's version
+bumped; the probabilities are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.model.decision import DECISION_KEY, OOD_OUTPUT, SCHEMA_VERSION, DecisionRule
+
+SHRINKAGE = 0.1
+OOD_PERCENTILE = 99.0
+
+
+def feature_tensor(graph) -> str:
+    """The input of the last dense layer (MatMul or Gemm) before the ``probabilities`` output: the
+    penultimate features."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers["probabilities"]
+    while node.op_type not in ("MatMul", "Gemm"):
+        upstream = [producers[i] for i in node.input if i in producers]
+        if not upstream:
+            raise ValueError("no dense layer before the probabilities output")
+        node = upstream[0]
+    return node.input[0]
+
+
+def with_features(proto):
+    """A copy of the model that also outputs its penultimate features (for fitting only)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    name = feature_tensor(copy.graph)
+    copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return copy, name
+
+
+def prepared_features(proto, pipeline, data: str):
+    """(features, probabilities, labels) of every map of ``data`` prepared by ``pipeline`` (refused maps left out)."""
+    import onnxruntime as ort
+
+    from defectscope.errors import DefectscopeError
+    from defectscope.preprocessing.pipeline import prepare
+    from defectscope.training.map_files import label_map, open_map_file
+
+    model, name = with_features(proto)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    classes = json.loads({p.key: p.value for p in proto.metadata_props}["defectscope.card"])["classes"]
+    feats, probs, labels = [], [], []
+    with open_map_file(data) as mf:
+        mapping = label_map(mf.classes, classes)
+        batch, batch_labels = [], []
+        for i in range(mf.n):
+            volume, mask = mf.read(i)
+            try:
+                batch.append(prepare(volume, pipeline, mask=mask, **mf.frame(i)).array)
+            except DefectscopeError:
+                continue
+            batch_labels.append(int(mapping[mf.labels[i]]))
+            if len(batch) == 32 or i == mf.n - 1:
+                p, f = session.run(["probabilities", name], {"cxdp": np.stack(batch)[..., None]})
+                probs.append(p), feats.append(f), labels.extend(batch_labels)
+                batch, batch_labels = [], []
+    return np.concatenate(feats).astype(np.float64), np.concatenate(probs).astype(np.float64), np.array(labels)
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray, n_classes: int):
+    """Class means and the shrunk shared precision matrix."""
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(n_classes)])
+    centred = features - means[labels]
+    cov = centred.T @ centred / len(features)
+    cov = (1 - SHRINKAGE) * cov + SHRINKAGE * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return means, np.linalg.inv(cov)
+
+
+def mahalanobis(features, means, precision) -> np.ndarray:
+    d = features[:, None, :] - means[None]
+    return np.sqrt(np.einsum("bcf,fg,bcg->bc", d, precision, d).min(axis=1))
+
+
+def add_ood_output(proto, means: np.ndarray, precision: np.ndarray) -> None:
+    """Append to the graph: ood_score = min_c sqrt((f - mu_c)^T P (f - mu_c)), shape [batch]."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    if any(o.name == OOD_OUTPUT for o in g.output):
+        raise ValueError(f"the model already has an {OOD_OUTPUT!r} output: fit from the model without it")
+    f = feature_tensor(g)
+    g.initializer.extend([numpy_helper.from_array(means.astype(np.float32), "ood_means"),
+                          numpy_helper.from_array(precision.astype(np.float32), "ood_precision"),
+                          numpy_helper.from_array(np.array([1], np.int64), "ood_axis1"),
+                          numpy_helper.from_array(np.array([2], np.int64), "ood_axis2")])
+    g.node.extend([
+        helper.make_node("Unsqueeze", [f, "ood_axis1"], ["ood_f3"]),            # [B, 1, F]
+        helper.make_node("Sub", ["ood_f3", "ood_means"], ["ood_d"]),           # [B, C, F]
+        helper.make_node("MatMul", ["ood_d", "ood_precision"], ["ood_dp"]),    # [B, C, F]
+        helper.make_node("Mul", ["ood_dp", "ood_d"], ["ood_q"]),
+        helper.make_node("ReduceSum", ["ood_q", "ood_axis2"], ["ood_m2"], keepdims=0),  # [B, C]
+        helper.make_node("ReduceMin", ["ood_m2"], ["ood_min"], axes=[1], keepdims=0),  # [B] (axes attribute: opset 17)
+        helper.make_node("Sqrt", ["ood_min"], [OOD_OUTPUT]),
+    ])
+    g.output.append(helper.make_tensor_value_info(OOD_OUTPUT, onnx.TensorProto.FLOAT, ["batch"]))
+
+
+def selective_threshold(confidence: np.ndarray, correct: np.ndarray, risk: float) -> tuple[float, float]:
+    """The smallest threshold whose confident answers are wrong at most ``risk`` of the time, and its coverage."""
+    order = np.argsort(-confidence)
+    errors = np.cumsum(~correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(errors <= risk)
+    if not ok.size:
+        return 1.0, 0.0
+    k = int(ok.max())
+    return float(confidence[order][k]), (k + 1) / len(order)
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """Accuracy of the most confident answers at 80/90/95/100 % coverage, and the curve (20 points)."""
+    order = np.argsort(-confidence)
+    acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    at = {f"{c}%": round(float(acc[max(int(np.ceil(c / 100 * len(acc))) - 1, 0)]), 4) for c in (80, 90, 95, 100)}
+    points = np.linspace(0.05, 1.0, 20)
+    return {"accuracy_at_coverage": at, "curve": {"coverage": points.round(2).tolist(),
+            "risk": [round(1 - float(acc[max(int(np.ceil(c * len(acc))) - 1, 0)]), 4) for c in points]}}
+
+
+def _scores(classes, probs, labels) -> dict:
+    """Confidence and correctness of the label, and (with a defect_free class and more) of the defect question."""
+    out = {"label": (probs.max(axis=1), probs.argmax(axis=1) == labels)}
+    if "defect_free" in classes and len(classes) > 2:
+        free = list(classes).index("defect_free")
+        p_def = 1.0 - probs[:, free]
+        out["defective"] = (np.maximum(p_def, 1.0 - p_def), (p_def > 0.5) == (labels != free))
+    return out
+
+
+def fit(model_path, fit_data, calibrate_data, risk: float):
+    """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
+    import onnx
+
+    from defectscope.model.metadata import parse_metadata
+
+    proto = onnx.load(str(model_path))
+    contract = parse_metadata({p.key: p.value for p in proto.metadata_props}, source=str(model_path))
+    classes = list(contract.classes)
+    f_fit, _, l_fit = prepared_features(proto, contract.pipeline, fit_data)
+    f_cal, p_cal, l_cal = prepared_features(proto, contract.pipeline, calibrate_data)
+    means, precision = fit_gaussian(f_fit, l_fit, len(classes))
+    ood_cal = mahalanobis(f_cal, means, precision)
+    scores = _scores(classes, p_cal, l_cal)
+    threshold, coverage = selective_threshold(*scores["label"], risk)
+    defective = selective_threshold(*scores["defective"], risk) if "defective" in scores else (None, None)
+    rule = DecisionRule(risk=risk, threshold=round(threshold, 6),
+                        defective_threshold=None if defective[0] is None else round(defective[0], 6),
+                        ood_threshold=round(float(np.percentile(ood_cal, OOD_PERCENTILE)), 4),
+                        fitted_on={"ood_gaussian": str(fit_data), "thresholds": str(calibrate_data),
+                                   "n_fit": int(len(l_fit)), "n_calibrate": int(len(l_cal)),
+                                   "ood_percentile": OOD_PERCENTILE, "shrinkage": SHRINKAGE})
+    add_ood_output(proto, means, precision)
+    report = {"coverage_at_threshold": round(coverage, 4),
+              "defective_coverage_at_threshold": None if defective[1] is None else round(defective[1], 4),
+              "calibrate": {k: risk_coverage(*v) for k, v in scores.items()}}
+    return proto, contract, rule, report
+
+
+def check(path, data, rule: DecisionRule) -> dict:
+    """The written model on other held-out data: risk-coverage, the confident answers' error and coverage, the
+    share flagged out of distribution, and that its in-graph OOD score is finite."""
+    import onnx
+
+    from defectscope.model.predictor import Predictor
+
+    proto = onnx.load(str(path))
+    predictor = Predictor(path, provider="cpu", warmup=False)
+    feats, probs, labels = prepared_features(proto, predictor.pipeline, data)
+    scores = _scores(predictor.classes, probs, labels)
+    confidence, correct = scores["label"]
+    confident = confidence >= rule.threshold
+    _, ood = predictor.run(np.zeros((1, *predictor.pipeline.shape), np.float32))
+    return {"data": str(data), "n": int(len(labels)), **{k: risk_coverage(*v) for k, v in scores.items()},
+            "confident_coverage": round(float(confident.mean()), 4),
+            "confident_error": round(float(1 - correct[confident].mean()), 4) if confident.any() else None,
+            "ood_score_of_an_empty_map": float(ood[0])}
+
+
+def main(argv=None) -> int:
+    import onnx
+
+    from defectscope.training.export import card_path, set_metadata
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--fit", required=True, help="training-distribution maps for the OOD Gaussian")
+    parser.add_argument("--calibrate", required=True, help="held-out maps for the thresholds")
+    parser.add_argument("--test", default=None, help="other held-out maps to report on")
+    parser.add_argument("--risk", type=float, default=0.02)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--version", default=None, help="the new model version (default: unchanged)")
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args(argv)
+    proto, contract, rule, report = fit(args.model, args.fit, args.calibrate, args.risk)
+    card = dict(contract.card)
+    if args.version:
+        card["previous_version"], card["version"] = card["version"], args.version
+    card["decision"] = {**json.loads(rule.to_json()), **report,
+                        "command": "python -m defectscope.training.decision_fit " + " ".join(argv or [])}
+    set_metadata(proto, contract.pipeline, card)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != DECISION_KEY]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = DECISION_KEY, rule.to_json()
+    out = Path(args.out)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+    result = {"model": str(out), "schema_version": SCHEMA_VERSION, "rule": json.loads(rule.to_json()), **report}
+    if args.test:
+        result["test"] = check(out, args.test, rule)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("rule", "coverage_at_threshold")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
