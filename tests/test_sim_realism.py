@@ -216,10 +216,11 @@ def test_version_1_configs_still_load_with_every_new_option_off():
     v1 = json.loads((REPO / "training/configs/paper_mix.json").read_text())
     assert v1["schema_version"] == 1
     cfg = SimulationConfig.from_dict(v1)
-    assert cfg.schema_version == SCHEMA_VERSION == 2
+    assert cfg.schema_version == SCHEMA_VERSION
     defaults = SimulationConfig()
     for name in ("relaxed_fraction", "interface_strain_probability", "smooth_strain_probability", "coherence_probability",
-                 "psf_probability", "hot_pixel_probability", "dead_line_probability", "alien_probability"):
+                 "psf_probability", "hot_pixel_probability", "dead_line_probability", "alien_probability",
+                 "detector_frame_fraction"):
         assert getattr(cfg, name) == getattr(defaults, name) == 0.0
     assert SimulationConfig.from_json(cfg.to_json()) == cfg
 

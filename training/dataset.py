@@ -31,7 +31,7 @@ from defectscope.training.conventions import AXES
 from defectscope.training.sim_config import CLASSES, SimulationConfig
 
 FORMAT = "defectscope.simulated-bcdi"
-FORMAT_VERSION = 2  # 2: relaxation, strain and nuisance parameters (older files lack them)
+FORMAT_VERSION = 3  # 2: relaxation, strain and nuisance parameters; 3: detector-frame sampling (older files lack them)
 SPLITS = ("train", "validation", "test")
 CONVENTIONS = ("lattice frame x[100] y[010] z[001]; lengths in angstrom; voxel_size_inv_angstrom in the "
                "Q = 2*pi/d convention (SPEC 4); canonical frame: axis 0 along Q = G, axes 1, 2 perpendicular, "
@@ -109,6 +109,18 @@ PARAMETERS: dict[str, tuple[str, tuple, str]] = {
     "alien_sigma_voxels": ("<f8", (3,), "Gaussian sigma of each alien spot"),
     "alien_relative_intensity": ("<f8", (3,), "peak of each alien spot / peak_counts_target"),
     "detector_defects_masked": ("|b1", (), "hot pixels and dead lines are flagged in the mask"),
+    # Detector-frame sampling (format 3; detector_frame) -------------------------------------------------------
+    "detector_frame": ("|b1", (), "computed at the pixels of a rocking scan and gridded by the orthonormaliser"),
+    "detector_frame_preset": ("S12", (), "beamline preset of the scan ('': orthonormal sampling)"),
+    "detector_frame_rocking_ratio": ("<f8", (), "rocking step / detector-pixel step, lengths in q"),
+    "detector_frame_two_theta_deg": ("<f8", (), "detector angle: the reflection's 2 theta at the preset's energy"),
+    "detector_frame_rocking_step_deg": ("<f8", (), "rocking step of the scan"),
+    "detector_frame_scan_shape": ("<i4", (3,), "frames, rows, columns of the scan"),
+    "detector_frame_q_steps_inv_angstrom": ("<f8", (3,), "q step of a row, a column, a frame (scaled to the crystal)"),
+    "detector_frame_raw_oversampling": ("<f8", (3,), "oversampling along the row, column and rocking steps"),
+    "detector_frame_equivalent_extent_nm": ("<f8", (), "extent of the crystal the real geometry samples alike"),
+    "detector_frame_pixels_per_voxel": ("<f8", (), "mean pixels gridded into a voxel of the map"),
+    "detector_frame_empty_voxels": ("<i4", (), "voxels of the map no pixel reached (0; -1: orthonormal sampling)"),
 }
 
 

@@ -17,7 +17,7 @@ from defectscope.errors import BadMessage
 from defectscope.preprocessing.config import read_config_file
 from defectscope.training.crystals import ELEMENTS, SIZES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CLASSES = ("defect_free", "screw", "edge")  # SPEC §3 class names, in label order
 
 
@@ -67,6 +67,13 @@ class SimulationConfig:
     orientations_per_configuration: int = 10
     oversampling_range: tuple[float, float] = (2.0, 4.0)
     subpixel_shift: bool = True
+    # Detector-frame sampling (``detector_frame``; version 3): this share of patterns is computed at the q of
+    # every pixel of a rocking scan in a preset geometry and gridded by the product's orthonormaliser.
+    detector_frame_fraction: float = 0.0
+    detector_frame_presets: tuple[str, ...] = ("aps-34idc", "esrf-id01", "petra-p10", "soleil-sixs")
+    # rocking step / detector-pixel step (lengths in q), log-uniform; the measured beamlines span 0.46-2.7
+    # (docs/eval/beamline_sampling.json: q_steps rocking / row)
+    detector_frame_rocking_ratio_range: tuple[float, float] = (0.4, 3.0)
     # Noise and detector --------------------------------------------------------------------------
     peak_counts_range: tuple[float, float] = (1e3, 1e6)  # log-uniform
     background_range: tuple[float, float] = (0.0, 0.0)  # mean counts per voxel, flat; (0, 0): none
@@ -99,7 +106,7 @@ class SimulationConfig:
     def __post_init__(self):
         _check(self.schema_version == SCHEMA_VERSION,
                f"simulator config schema_version must be {SCHEMA_VERSION}, got {self.schema_version!r}")
-        for name in ("elements", "sizes", "shape", "class_weights", "split_fractions"):
+        for name in ("elements", "sizes", "shape", "class_weights", "split_fractions", "detector_frame_presets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("surface_energy_ratio_range", "truncation_range", "oversampling_range", "peak_counts_range",
                      "background_range", "masked_voxel_fraction_range", *_REALISM_RANGES):
@@ -171,6 +178,12 @@ class SimulationConfig:
                "alien_relative_intensity_range must lie in (0, 100]")
         _check(0.3 <= self.alien_sigma_voxels_range[0] and self.alien_sigma_voxels_range[1] <= 8.0,
                "alien_sigma_voxels_range must lie in [0.3, 8]")
+        from defectscope.training.beamline_sampling import BEAMLINES
+
+        _check(self.detector_frame_presets and all(p in BEAMLINES for p in self.detector_frame_presets),
+               f"detector_frame_presets must be a non-empty subset of {sorted(BEAMLINES)}")
+        lo, hi = self.detector_frame_rocking_ratio_range
+        _check(0.1 <= lo and hi <= 10.0, "detector_frame_rocking_ratio_range must lie in [0.1, 10]")
         for name, most in (("hot_pixel_count_range", 4), ("dead_line_count_range", 2), ("alien_count_range", 3)):
             lo, hi = getattr(self, name)
             _check(1 <= lo and hi <= most, f"{name} must lie in [1, {most}]")
@@ -249,10 +262,10 @@ def _range(name: str, value) -> tuple[float, float]:
 
 _REALISM_RANGES = ("interface_phase_range_rad", "interface_decay_fraction_range", "smooth_phase_range_rad",
                    "fringe_visibility_range", "psf_sigma_voxels_range", "hot_pixel_counts_range",
-                   "alien_relative_intensity_range", "alien_sigma_voxels_range")
+                   "alien_relative_intensity_range", "alien_sigma_voxels_range", "detector_frame_rocking_ratio_range")
 _REALISM_PROBABILITIES = ("relaxed_fraction", "interface_strain_probability", "smooth_strain_probability",
                           "coherence_probability", "psf_probability", "hot_pixel_probability", "dead_line_probability",
-                          "alien_probability", "detector_defects_masked_probability")
+                          "alien_probability", "detector_defects_masked_probability", "detector_frame_fraction")
 
 
 def _patch_v1_to_v2(d: dict) -> dict:
@@ -261,5 +274,10 @@ def _patch_v1_to_v2(d: dict) -> dict:
     return {**d, "schema_version": 2}
 
 
+def _patch_v2_to_v3(d: dict) -> dict:
+    """Version 3 added detector-frame sampling, off by default: a version-2 config means what it meant."""
+    return {**d, "schema_version": 3}
+
+
 # schema_version N -> N+1 patches.
-_PATCHES: dict = {1: _patch_v1_to_v2}
+_PATCHES: dict = {1: _patch_v1_to_v2, 2: _patch_v2_to_v3}

@@ -6,8 +6,9 @@ whatever order, and whatever the total number of configurations. Streams:
 
     (0, i)        the configuration plan (element, size, shape, class, CD/RPD, reflection)
     (1, i)        the dislocation position (needs the built crystal)
-    (2, i, o)     orientation o: sampling draws, counting noise, masked voxels, beam/detector nuisances
-                  (children 0-3 of the orientation's SeedSequence; adding a child leaves the others as they were)
+    (2, i, o)     orientation o: sampling draws, counting noise, masked voxels, beam/detector nuisances,
+                  detector-frame sampling (children 0-4 of the orientation's SeedSequence; adding a child leaves
+                  the others as they were)
     (3,)          the train/validation/test split (``dataset.assign_splits``)
     (4, i)        relaxed or not (``relaxed_fraction``)
     (5, i)        the strain fields (``strain.draw_strain``)
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defectscope.training import crystals, detector, dislocations, sampling, strain
+from defectscope.training import crystals, detector, detector_frame, dislocations, sampling, strain
 from defectscope.training.conventions import canonical_axes, reciprocal_vector_inv_angstrom_cryst, to_inv_angstrom_2pi
 from defectscope.training.diffraction import NufftAmplitude, ReciprocalGrid, ScatteringAtoms, intensity, scattering_atoms
 from defectscope.training.sim_config import CLASSES, SimulationConfig
@@ -197,12 +198,13 @@ def simulate_configuration(cfg: SimulationConfig, seed: int, index: int, n_orien
     kept = np.empty((n_orientations, *shape), dtype=np.float64) if keep_intensity else None
     rows = []
     for o in range(n_orientations):
-        draw_rng, noise_rng, mask_rng, nuisance_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
-            int(seed), spawn_key=(STREAM_ORIENTATION, index, o)).spawn(4))
+        draw_rng, noise_rng, mask_rng, nuisance_rng, scan_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(
+            int(seed), spawn_key=(STREAM_ORIENTATION, index, o)).spawn(5))
         draw = sampling.draw_orientation(draw_rng, cfg, shape)
         nuisances = detector.draw_nuisances(nuisance_rng, cfg, shape)
+        scan = detector_frame.draw_detector_frame(scan_rng, cfg)
         grid, extent = orientation_grid(built, draw, shape)
-        pattern = intensity(nufft(built.atoms, grid))
+        pattern, grid, scan_record = _pattern(cfg, built, grid, extent, scan, nufft, nthreads)
         measured = detector.blur(pattern, nuisances, extent, grid.dq_inv_angstrom_cryst)
         counts[o] = sampling.counting_noise(measured, draw.peak_counts_target, draw.background_counts_per_voxel, noise_rng,
                                             extra_counts=detector.alien_counts(shape, nuisances, draw.peak_counts_target))
@@ -214,9 +216,20 @@ def simulate_configuration(cfg: SimulationConfig, seed: int, index: int, n_orien
         if kept is not None:
             kept[o] = pattern
         rows.append({**_parameters(built, draw, grid, extent, o, float(pattern.max()), int(mask[o].sum())),
-                     **detector.parameters(nuisances, extent)})
+                     **detector.parameters(nuisances, extent), **scan_record})
     params = {name: np.asarray([row[name] for row in rows]) for name in rows[0]}
     return ConfigurationResult(int(index), counts, mask, params, kept)
+
+
+def _pattern(cfg: SimulationConfig, built: BuiltConfiguration, grid: ReciprocalGrid, extent, scan, nufft, nthreads: int):
+    """|A|² on ``grid``, or as ``scan``'s rocking scan measures and the orthonormaliser grids it (then the grid
+    carries where the peak landed); and the detector-frame record."""
+    if not scan.on:
+        return intensity(nufft(built.atoms, grid)), grid, detector_frame.OFF_RECORD
+    sampled = detector_frame.sample_pattern(built.atoms, grid, extent, scan, built.crystal.element.lattice_a_angstrom,
+                                            built.plan.reflection_hkl, cfg.nufft_eps, nthreads)
+    landed = ReciprocalGrid(grid.frame_axes, grid.dq_inv_angstrom_cryst, sampled.shift_voxels, grid.shape)
+    return sampled.intensity, landed, sampled.record
 
 
 def _parameters(built: BuiltConfiguration, draw: sampling.OrientationDraw, grid: ReciprocalGrid, extent, orientation: int,
@@ -256,7 +269,7 @@ def _parameters(built: BuiltConfiguration, draw: sampling.OrientationDraw, grid:
         "oversampling": sampling.oversampling_per_axis(grid.dq_inv_angstrom_cryst, extent),
         "oversampling_target": draw.oversampling_target,
         "crystal_extent_angstrom": extent,
-        "subpixel_shift_voxels": np.asarray(draw.subpixel_shift_voxels),
+        "subpixel_shift_voxels": np.asarray(grid.shift_voxels, dtype=float),
         "peak_counts_target": draw.peak_counts_target,
         "background_counts_per_voxel": draw.background_counts_per_voxel,
         "peak_intensity_kinematic": peak_intensity,
