@@ -40,9 +40,13 @@ serve: $(STAMP)
 	$(BIN)/defectscope serve
 
 # Serving end to end vs bare inference, raw scans, throughput, CURVE, orthonormalisation ->
-# benchmarks/results.json + results.md + the table in docs/performance.md; then the simulator's speed.
+# benchmarks/prepare_steps.json, results.json + results.md + the tables in docs/performance.md and README.md;
+# then the simulator's speed (benchmarks/simulate.json). A background relaxation (training.relax) is paused
+# for the run and resumed after it, whatever happens (trap); its PIDs are recorded in the results.
 bench: $(STAMP)
-	$(BIN)/python -m defectscope.benchmarks.report
+	@pids="$$(pgrep -f 'defectscope[.]training[.]relax' | tr '\n' ' ')"; \
+	if [ -n "$$pids" ]; then trap 'kill -CONT '"$$pids"' 2>/dev/null' EXIT INT TERM; kill -STOP $$pids; fi; \
+	$(BIN)/python -m defectscope.benchmarks.report --paused "$$pids" && \
 	$(BIN)/python -m defectscope.benchmarks.bench_simulate
 
 # A local Tango database for the real-database test (root; Debian/Ubuntu). Then: export TANGO_HOST=127.0.0.1:10000
