@@ -76,7 +76,7 @@ def fitted(tmp_path_factory):
     cal_data = simulate_dataset(24, tmp / "cal.h5", cfg, seed=4, workers=1, progress=False)
     out = tmp / "small-decided.onnx"
     decision_fit.main([str(model), "--fit", str(fit_data), "--calibrate", str(cal_data), "--out", str(out),
-                       "--version", "fixture-2", "--risk", "0.5", "--report", str(tmp / "report.json")])
+                       "--version", "fixture-2", "--risk", "0.5", "--max-answer-risk", "0.9", "--report", str(tmp / "report.json")])
     return out, json.loads((tmp / "report.json").read_text())
 
 

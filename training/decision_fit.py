@@ -9,7 +9,9 @@
   added to the ONNX graph as the output ``ood_score``, so it costs nothing beside the inference.
   ``ood_threshold`` is its 99th percentile on ``--calibrate`` (held-out maps of the same distribution).
 - Decision threshold: the smallest maximum probability at which the answers of ``--calibrate`` that reach it
-  are wrong at most ``--risk`` of the time (selective risk); for a 3-class model also the threshold of
+  are wrong at most ``--risk`` of the time (selective risk), and never below 1 - ``--max-answer-risk``: the
+  probabilities are temperature-calibrated, so no single answer whose own chance of being wrong exceeds that
+  is called confident, however good the others; for a 3-class model also the threshold of
   max(P(defective), P(defect_free)) at which the defect question alone is that reliable.
 
 Both go into the model file (``model.decision``: metadata ``defectscope.decision``) with the card's version
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscope.model.decision import DECISION_KEY, OOD_OUTPUT, SCHEMA_VERSION, DecisionRule
+from defectscope.training.eval_metrics import risk_coverage
 
 SHRINKAGE = 0.1
 OOD_PERCENTILE = 99.0
@@ -133,16 +136,6 @@ def selective_threshold(confidence: np.ndarray, correct: np.ndarray, risk: float
     return float(confidence[order][k]), (k + 1) / len(order)
 
 
-def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
-    """Accuracy of the most confident answers at 80/90/95/100 % coverage, and the curve (20 points)."""
-    order = np.argsort(-confidence)
-    acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    at = {f"{c}%": round(float(acc[max(int(np.ceil(c / 100 * len(acc))) - 1, 0)]), 4) for c in (80, 90, 95, 100)}
-    points = np.linspace(0.05, 1.0, 20)
-    return {"accuracy_at_coverage": at, "curve": {"coverage": points.round(2).tolist(),
-            "risk": [round(1 - float(acc[max(int(np.ceil(c * len(acc))) - 1, 0)]), 4) for c in points]}}
-
-
 def _scores(classes, probs, labels) -> dict:
     """Confidence and correctness of the label, and (with a defect_free class and more) of the defect question."""
     out = {"label": (probs.max(axis=1), probs.argmax(axis=1) == labels)}
@@ -153,7 +146,7 @@ def _scores(classes, probs, labels) -> dict:
     return out
 
 
-def fit(model_path, fit_data, calibrate_data, risk: float):
+def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1):
     """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
     import onnx
 
@@ -167,14 +160,20 @@ def fit(model_path, fit_data, calibrate_data, risk: float):
     means, precision = fit_gaussian(f_fit, l_fit, len(classes))
     ood_cal = mahalanobis(f_cal, means, precision)
     scores = _scores(classes, p_cal, l_cal)
-    threshold, coverage = selective_threshold(*scores["label"], risk)
-    defective = selective_threshold(*scores["defective"], risk) if "defective" in scores else (None, None)
+    floor = 1.0 - max_answer_risk
+    threshold = max(selective_threshold(*scores["label"], risk)[0], floor)
+    coverage = float((scores["label"][0] >= threshold).mean())
+    defective = (None, None)
+    if "defective" in scores:
+        d_threshold = max(selective_threshold(*scores["defective"], risk)[0], floor)
+        defective = (d_threshold, float((scores["defective"][0] >= d_threshold).mean()))
     rule = DecisionRule(risk=risk, threshold=round(threshold, 6),
                         defective_threshold=None if defective[0] is None else round(defective[0], 6),
                         ood_threshold=round(float(np.percentile(ood_cal, OOD_PERCENTILE)), 4),
                         fitted_on={"ood_gaussian": str(fit_data), "thresholds": str(calibrate_data),
                                    "n_fit": int(len(l_fit)), "n_calibrate": int(len(l_cal)),
-                                   "ood_percentile": OOD_PERCENTILE, "shrinkage": SHRINKAGE})
+                                   "ood_percentile": OOD_PERCENTILE, "shrinkage": SHRINKAGE,
+                                   "max_answer_risk": max_answer_risk})
     add_ood_output(proto, means, precision)
     report = {"coverage_at_threshold": round(coverage, 4),
               "defective_coverage_at_threshold": None if defective[1] is None else round(defective[1], 4),
@@ -213,11 +212,12 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", required=True, help="held-out maps for the thresholds")
     parser.add_argument("--test", default=None, help="other held-out maps to report on")
     parser.add_argument("--risk", type=float, default=0.02)
+    parser.add_argument("--max-answer-risk", type=float, default=0.1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--version", default=None, help="the new model version (default: unchanged)")
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args(argv)
-    proto, contract, rule, report = fit(args.model, args.fit, args.calibrate, args.risk)
+    proto, contract, rule, report = fit(args.model, args.fit, args.calibrate, args.risk, args.max_answer_risk)
     card = dict(contract.card)
     if args.version:
         card["previous_version"], card["version"] = card["version"], args.version

@@ -125,6 +125,17 @@ def accuracy_by_group(correct: np.ndarray, keys: list[dict], reports: list[dict]
     return out
 
 
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """Risk-coverage of answering only the most confident maps: the accuracy of the most confident answers at
+    80/90/95/100 % coverage, and the curve (error rate of the answered at 20 coverages)."""
+    order = np.argsort(-confidence)
+    acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    at = {f"{c}%": round(float(acc[max(int(np.ceil(c / 100 * len(acc))) - 1, 0)]), 4) for c in (80, 90, 95, 100)}
+    points = np.linspace(0.05, 1.0, 20)
+    return {"accuracy_at_coverage": at, "curve": {"coverage": points.round(2).tolist(),
+            "risk": [round(1 - float(acc[max(int(np.ceil(c * len(acc))) - 1, 0)]), 4) for c in points]}}
+
+
 def split_metrics(probs: np.ndarray, labels: np.ndarray, label_space, keys: list[dict],
                   reports: list[dict]) -> dict:
     """Every score of one split: ``classification_metrics``, calibration, the 2-class collapse of a 3-class
@@ -142,6 +153,8 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, label_space, keys: list
         metrics["two_class"] = classification_metrics(p2, l2, TWO_CLASSES)
         metrics["two_class"]["rule"] = "defective when p_screw + p_edge > p_defect_free"
     metrics["by_group"] = accuracy_by_group(correct, keys, reports)
+    if len(labels):
+        metrics["risk_coverage"] = risk_coverage(p.max(axis=1), correct)
     return metrics
 
 

@@ -18,6 +18,8 @@ def write_plots(result: dict, directory: Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     written = [_plot_confusion(plt, result, directory / "confusion.png"),
                _plot_reliability(plt, result, directory / "reliability.png")]
+    if result.get("risk_coverage"):
+        written.append(_plot_risk_coverage(plt, result, directory / "risk-coverage.png"))
     if result.get("by_group", {}):
         written.append(_plot_groups(plt, result["by_group"], directory / "accuracy-by-group.png"))
     if result.get("robustness"):
@@ -63,6 +65,23 @@ def _plot_reliability(plt, result: dict, path: Path) -> str:
     ax.set_ylabel("accuracy")
     ece = cal["ece"]
     ax.set_title(f"reliability, ECE {ece:.4f}" if ece is not None else "reliability")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _plot_risk_coverage(plt, result: dict, path: Path) -> str:
+    """Error rate of the answers kept when only the most confident fraction (coverage) is answered."""
+    curve = result["risk_coverage"]["curve"]
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.plot(curve["coverage"], curve["risk"], marker="o", ms=3)
+    rule = (result.get("model") or {}).get("decision") or {}
+    if rule.get("threshold") is not None:
+        ax.set_title(f"risk-coverage (decision threshold {rule['threshold']:.3f})", fontsize=9)
+    else:
+        ax.set_title("risk-coverage", fontsize=9)
+    ax.set_xlabel("coverage (fraction answered, most confident first)")
+    ax.set_ylabel("error rate of the answered")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path, plt)
 

@@ -122,8 +122,15 @@ def evaluate_model(model_path, data_paths, *, split: str = "test", seed: int = 0
             probs, _ = collapse_two_class(probs, np.zeros(len(probs), np.int64), classes)
         metrics = split_metrics(probs, labels, label_space, [meta[t][3] for t in tags], reports)
         metrics["refused"] = refused
+        rule = predictor.decision
+        if rule.calibrated and len(labels):  # the model's own decision rule (model.decision), warnings aside
+            confident = probs.max(axis=1) >= rule.threshold
+            metrics["decision"] = {"threshold": rule.threshold, "coverage": round(float(confident.mean()), 6),
+                                   "accuracy_confident": round(float((probs.argmax(axis=1) == labels)[confident].mean()), 6)
+                                   if confident.any() else None}
         result = {
-            "model": {**predictor.describe(), "path": str(model_path), "classes": classes},
+            "model": {**predictor.describe(), "path": str(model_path), "classes": classes,
+                      "decision": json.loads(rule.to_json())},
             "data": [{"path": str(mf.path), "layout": mf.layout, "split_source": mf.split_source} for mf in files],
             "split": split, "label_space": list(label_space),
             "model_collapsed_to_data_classes": collapse_model,
