@@ -6,8 +6,8 @@ Each step function the pipeline composes (``STEPS``, looked up by name in ``prep
 wrapped by a timer that counts its *own* time (time spent in a nested wrapped step is that step's), and
 ``prepare`` of the benchmark's simulated map (``bench_serving.example_map``, raw counts) runs ``--repeat``
 times, plus the sampling-check variants. ``other`` is what no wrapped step holds (the cast, Python glue).
-The same is done, in a child process and interleaved run by run, on the pipeline of ``--reference``
-(``git archive`` of ``preprocessing/`` at that commit), so before and after share the machine's load.
+The same is done on the pipeline of ``--reference`` (``git archive`` of ``preprocessing/`` at that commit);
+each in a fresh child process, before and after interleaved round by round, so both share the machine's load.
 Medians of the per-run sums, in ms; writes ``benchmarks/prepare_steps.json``.
 """
 
@@ -125,21 +125,25 @@ class _Ref:
         if name.startswith("defectscope.preprocessing.") and name.count(".") == 2:
             return spec_from_file_location(name, ROOT + "/" + name.rsplit(".", 1)[1] + ".py")
         return None
-sys.meta_path.insert(0, _Ref)
+if sys.argv[1]:
+    sys.meta_path.insert(0, _Ref)
 from defectscope.benchmarks.bench_prepare import measure
 print(json.dumps(measure(int(sys.argv[2]))))
 """
 
 
-def reference(rev: str, repeat: int) -> dict:
-    """``measure`` on the pipeline of ``rev`` (its ``preprocessing/``, the rest of today's package)."""
+def child(rev: str | None, repeat: int) -> dict:
+    """``measure`` in a fresh process (BLAS on one thread, as the server runs), on the pipeline of ``rev``
+    (its ``preprocessing/``, the rest of today's package) or, with None, on today's."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "preprocessing"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        out = subprocess.run([sys.executable, "-c", _CHILD, tmp, str(repeat)], capture_output=True, text=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+        if rev is not None:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "preprocessing"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        out = subprocess.run([sys.executable, "-c", _CHILD, tmp if rev is not None else "", str(repeat)],
+                             capture_output=True, text=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
         if out.returncode:
-            raise RuntimeError(f"the reference pipeline failed: {out.stderr[-2000:]}")
+            raise RuntimeError(f"the preparation benchmark failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -154,8 +158,8 @@ def main(argv=None) -> int:
     load_before = [round(v, 2) for v in os.getloadavg()]
     before, after = [], []
     for _ in range(args.rounds):  # interleaved: both see the same load
-        before.append(reference(args.reference, args.repeat))
-        after.append(measure(args.repeat))
+        before.append(child(args.reference, args.repeat))
+        after.append(child(None, args.repeat))
     pick = lambda runs: min(runs, key=lambda r: r["prepare_ms"])  # noqa: E731  (least disturbed round)
     b, a = pick(before), pick(after)
     rows = [{"step": label, "name": n, "before_ms": b["steps_ms"].get(n), "after_ms": a["steps_ms"].get(n)}

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "simulate",
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "load_average": [round(v, 2) for v in os.getloadavg()]},
         "versions": {"defectscope": __version__, "simulator": SIMULATOR_VERSION, "finufft": finufft.__version__},
         "note": "end to end: Dask local cluster start-up, simulation, gzip HDF5 writing; 64^3 patterns, "
                 "10 orientations per configuration, default SimulationConfig with the given size",

@@ -125,3 +125,26 @@ def readme(r: dict) -> str:
         parts.append(f"{t['what']}: **{figure}** (target {t['target'].replace('<=', '≤').replace('>=', '≥')}, "
                      f"{'met' if t['met'] else 'not met'})")
     return header(r) + " " + "; ".join(parts) + ". Tables: [performance](docs/performance.md).\n"
+
+
+def orthonormalise_table(r: dict) -> str:
+    """docs/orthonormalisation.md: each path's median per scan and its speed-up over the reference."""
+    o = r["orthonormalise"]
+    med, ref = o["median_s"], o["median_s"]["reference"]
+    rows = [("reference (`Ang2Q` + `Gridder3D`)", med["reference"], None),
+            ("fast path, cached mapping", med["fast_warm"], "bold"),
+            ("fast path, frame by frame", med.get("fast_stream"), ""),
+            ("fast path, first scan of a geometry (builds the cache)", med.get("fast_cold"), ""),
+            ("floor: the scan read once, the full grid written once (no method is faster)", med.get("floor"), "")]
+    lines = [f"From `benchmarks/results.json` ({r['generated']}, load average {r['machine']['load_average'][0]}): "
+             f"{o['data']}, relative difference fast path vs reference "
+             f"{o['fast_vs_reference']['relative_l2']:.0e}.", "", "| path | median per scan |", "|---|---|"]
+    for what, t, style in rows:
+        if t is None:
+            continue
+        speed = "" if style is None else (f" (**{ref / t:.1f}×**)" if style == "bold" else f" ({ref / t:.1f}×)")
+        lines.append(f"| {what} | {t:.3f} s{speed} |")
+    if med.get("reference_masked") and med.get("fast_warm_masked"):
+        lines.append(f"| with a detector mask: reference / fast path, cached mapping | {med['reference_masked']:.2f} s / "
+                     f"{med['fast_warm_masked']:.3f} s ({med['reference_masked'] / med['fast_warm_masked']:.1f}×) |")
+    return "\n".join(lines) + "\n"

@@ -90,3 +90,4 @@ def test_the_committed_results_regenerate_the_committed_tables():
     steps = json.loads(report.STEPS.read_text()) if report.STEPS.is_file() else None
     assert tables.readme(result) in report.README.read_text()
     assert tables.page(result, steps) in report.PAGE.read_text()
+    assert tables.orthonormalise_table(result) in report.ORTHO_PAGE.read_text()
