@@ -29,7 +29,7 @@ DECISION_KEY = "defectscope.decision"
 OOD_OUTPUT = "ood_score"
 SCHEMA_VERSION = 1
 # Warnings with which the answer on a map cannot be confident, whatever its probabilities.
-UNRELIABLE = ("SAMPLING_SENSITIVE", "MODELS_DISAGREE", "SAMPLING_UNDETERMINED", "OUT_OF_DISTRIBUTION")
+UNRELIABLE = ("SAMPLING_SENSITIVE", "MODELS_DISAGREE", "SAMPLING_UNDETERMINED", "OUT_OF_DISTRIBUTION", "PEAK_NEAR_EDGE")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from defectscope.preprocessing.centring import (
     CentredWindow, centre_of_mass, centre_of_mass_shift, crop_pad, find_peak, isolated_voxels,
 )
 from defectscope.preprocessing.config import Limits, PipelineConfig
+from defectscope.preprocessing.cut import cut_warning
 from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import (
@@ -168,6 +169,9 @@ class Preparation:
         isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
         if isolated:
             warnings.append(isolated)
+        cut = None if any(w["reason"] == "PEAK_NEAR_EDGE" for w in warnings) else cut_warning(window, CANONICAL_AXES)
+        if cut:
+            warnings.append(cut)
         self.config, self.shape, self.margin, self.source = config, shape, margin, source
         self.window, self.peak, self.peak_index, self.warnings = window, peak, peak_index, warnings
         self._input = (list(volume.shape), dtype.str, masked, volume.size, work, intensity)

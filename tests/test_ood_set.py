@@ -27,3 +27,13 @@ def test_maps_are_reproducible_counts(kind):
 
 def test_auc():
     assert auc([1, 2, 3], [4, 5]) == 1.0 and auc([4, 5], [1, 2]) == 0.0 and auc([1, 2], [1, 2]) == 0.5
+
+
+def test_stacking_faults_are_visible_at_the_maps_reflection():
+    from defectscope.training.ood_set import visible_fault
+    from defectscope.training.simulator import VISIBLE_111
+
+    for g in VISIBLE_111:
+        normal, shift = visible_fault(g)
+        assert np.dot(normal, shift) == 0  # the shift lies in the fault plane
+        assert np.dot(g, shift) / 6.0 % 1.0 == pytest.approx(1 / 3) or np.dot(g, shift) / 6.0 % 1.0 == pytest.approx(2 / 3)

@@ -8,8 +8,9 @@ Kinds (each built on the simulator's crystals: its defect-free plans, kinematic 
 - ``two_dislocations``: a screw and an edge line, both inside the crystal (fields added);
 - ``dislocation_loop``: a square Volterra loop (b = a/2[1-10]) of half the crystal's size; displacement
   u = -b Ω / 4π, Ω the solid angle of the loop (the isotropic-elastic correction left out);
-- ``stacking_fault``: every atom on one side of a (1-11) plane through the centre shifted by a/6[121]
-  (an intrinsic fault crossing the whole crystal; g·R = 2/3 for the 111 reflection);
+- ``stacking_fault``: every atom on one side of a {111} plane through the centre shifted by an a/6<112> in
+  that plane (an intrinsic fault crossing the whole crystal), plane and shift chosen visible at the map's
+  reflection (g·R = ±1/3 mod 1: a fault with g·R integer leaves the pattern unchanged);
 - ``strongly_strained``: a smooth quadratic + cubic field whose phase spans 8 rad (1st-99th percentile);
 - ``two_grains``: the pattern plus a second crystal's, 12 voxels away along q_perp1 (two grains in one window);
 - ``peak_cut``: the map zeroed beyond a plane 3 voxels from the peak (the peak on a detector edge);
@@ -55,6 +56,17 @@ def loop_displacement(positions: np.ndarray, centre, half: float, a: float) -> n
     return -omega[:, None] * b[None, :] / (4 * np.pi)
 
 
+def visible_fault(hkl) -> tuple[np.ndarray, np.ndarray]:
+    """A {111} fault plane normal and a <112> shift in it (units of a/6) seen at reflection ``hkl``."""
+    from itertools import permutations
+
+    for normal in ((1, 1, 1), (1, -1, 1), (-1, 1, 1), (1, 1, -1)):
+        for shift in sorted({p for v in ((1, 1, -2), (-1, -1, 2)) for p in permutations(v)}):
+            if np.dot(normal, shift) == 0 and abs(np.dot(hkl, shift) / 6.0 % 1.0 - 0.5) < 0.3:
+                return np.array(normal, float), np.array(shift, float)
+    raise ValueError(f"no visible fault at {hkl}")
+
+
 def displacement(kind: str, built, rng: np.random.Generator) -> np.ndarray:
     """The extra displacement field (Å) of a kind that changes the crystal."""
     from defectscope.training import dislocations, strain
@@ -71,9 +83,9 @@ def displacement(kind: str, built, rng: np.random.Generator) -> np.ndarray:
     if kind == "dislocation_loop":
         return loop_displacement(pos, centre + rng.uniform(-0.1, 0.1, 3) * size, 0.25 * size, a)
     if kind == "stacking_fault":
-        normal = np.array([1.0, -1.0, 1.0]) / np.sqrt(3)
-        above = (pos - centre) @ normal > rng.uniform(-0.1, 0.1) * size
-        return np.where(above[:, None], a / 6.0 * np.array([1.0, 2.0, 1.0]), 0.0)
+        normal, shift = visible_fault(built.plan.reflection_hkl)
+        above = (pos - centre) @ (normal / np.linalg.norm(normal)) > rng.uniform(-0.1, 0.1) * size
+        return np.where(above[:, None], a / 6.0 * shift, 0.0)
     if kind == "strongly_strained":
         field = strain.smooth_displacement_angstrom(pos, rng.normal(size=(3, len(strain._MONOMIALS))))
         return strain._scaled_to_range(field, built.g_inv_angstrom_cryst, 8.0)[0]
