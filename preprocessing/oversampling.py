@@ -13,8 +13,8 @@ Two handles, measured on simulated and measured maps by ``python -m defectscope.
   measured maps (large crystals, partial coherence, streaks, background, masks, gaps) and follows a re-gridding
   (a map binned k x k x k: the width in voxels divides by k, after the voxel's own width is removed). Its
   limit: it measures the crystal's radius of gyration, so a shape far from the simulator's truncated
-  octahedra (a long rod, a flat plate) is misjudged by up to ~20 %, and a split (dislocated) peak reads
-  narrower by ~5 % in the median, up to 30 % for the worst tenth of screw dislocations.
+  octahedra is misjudged (a box by 20-25 %), and a split (dislocated) peak reads narrower, its oversampling
+  6-8 % higher in the median and up to 40 % for the worst tenth of screw dislocations.
 - ``autocorrelation_oversampling`` (evaluation only): the support of the autocorrelation (the inverse FFT of
   the intensity), twice the object's width, fitted with the edge model
   ``P(x) = c [g(x) + g(n - x)], g(x) = (1 - x / w)_+ ** p``. Exact for coherent simulated maps (within 10 %
