@@ -7,11 +7,13 @@ thread, the model's own pipeline) over real ZeroMQ sockets on loopback, with the
 
 - ``floors``: ``onnxruntime.InferenceSession.run`` on one prepared 64^3 map, batch 1, on one and on two
   intra-op threads (``best``: the faster, the floor of every ratio), and the bare inferences of a default
-  request (the map, its three sampling variants, the cross-check model); ``bare_inference``: the floor at
-  the server's threads (``--threads``);
+  request (the map, its three sampling variants, the cross-check model); the one-map floors are measured
+  again alternating request by request with the ``map`` round trips, and those are the figures kept, so a
+  ratio's two figures see the same load; ``bare_inference``: the floor at the server's threads (``--threads``);
 - ``map``: a 64^3 simulated pattern (raw counts, uint32) from client send to reply, and the reply's stages,
   against ``serve --no-sampling-check --cross-check none`` (so are the scans, the throughput and CURVE);
-  ``map_default``: the same against ``serve`` as shipped (both checks on); ``map_results``: with ``--results``;
+  ``map_default``: the same against ``serve`` as shipped (both checks on); ``map_results``: with ``--results``,
+  and ``map_results_off`` without, two servers at once, requests alternating between them;
 - ``scan``: a raw 201x256x256 rocking scan (the measured 34-ID-C scan when ``../shared/data`` is there,
   else a synthetic one of that shape and geometry) sent as one message, one frame per message part;
 - ``scan_stream``: the same scan streamed, one message per frame, as fast as the client can send, and
@@ -213,7 +215,40 @@ def floors(model_path: Path, prepared: np.ndarray, repeat: int) -> dict:
     best = min(by_threads.values(), key=lambda b: b["p50_ms"])
     other = cross_check_for(model_path)
     checks = bare_checks(model_path, other, prepared, max(20, repeat // 4)) if other else None
-    return {"by_threads": by_threads, "best": best, "default_request": checks}
+    return {"by_threads": by_threads, "best": best, "default_request": checks,
+            "sessions": bare_sessions(model_path, prepared)}  # for ``interleaved`` (not written out)
+
+
+def interleaved(client, volume, sessions: dict, repeat: int):
+    """Map round trips and bare inferences (each thread count) in turn, request by request: the figure and its
+    floor under the same load. Returns the round-trip times, the replies and the floors by thread count."""
+    times, replies, bare = [], [], {t: [] for t in sessions}
+    for i in range(repeat + 10):
+        for t, (session, feed) in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            if i >= 10:
+                bare[t].append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        reply = client.classify(volume)
+        if i >= 10:
+            times.append((time.perf_counter() - t0) * 1e3)
+            replies.append(reply)
+    floors = {t: {**summary(v), "threads": int(t), "provider": "CPUExecutionProvider",
+                  "measured": "alternating with the map requests"} for t, v in bare.items()}
+    return times, replies, floors
+
+
+def bare_sessions(model_path: Path, prepared: np.ndarray, threads=(1, 2)) -> dict:
+    import onnxruntime as ort
+
+    out = {}
+    for t in threads:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = t
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        out[str(t)] = (session, {session.get_inputs()[0].name: prepared[np.newaxis, ..., np.newaxis].astype(np.float32)})
+    return out
 
 
 def bare_checks(model_path: Path, other: Path, prepared: np.ndarray, repeat: int) -> dict:
@@ -255,7 +290,6 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
     out["floors"] = floors(model_path, prepared, repeat_maps)
     if threads is None:  # the latency server runs ONNX Runtime as the best floor did, here and now
         threads = out["floors"]["best"]["threads"]
-    out["bare_inference"] = out["floors"]["by_threads"][str(threads)]
     out["transport_floor"] = transport_floor(volume, frames, repeat_maps, repeat_scans)
 
     server_args = ["--threads", threads] if threads else []
@@ -263,12 +297,15 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
     try:
         through_server(served, out, volume, frames, geometry, mask, repeat_maps, repeat_scans)
     finally:
+        out["floors"].pop("sessions", None)
         out["server"]["exit_code"] = served.stop()
+    out["bare_inference"] = out["floors"]["by_threads"][str(threads)]
     out["server"]["options"] = " ".join(map(str, server_args + LEAN))
     out["map_default"] = map_only(model, server_args, volume, repeat_maps // 2, "as shipped: sampling check and cross-check on")
     with tempfile.TemporaryDirectory() as tmp:
-        out["map_results"] = map_only(model, server_args + LEAN + ["--results", Path(tmp) / "results.h5"], volume,
-                                      repeat_maps, "--results on (HDF5 log, one row per reply, flushed)")
+        out["map_results"], out["map_results_off"] = paired(
+            model, server_args + LEAN + ["--results", Path(tmp) / "results.h5"], server_args + LEAN, volume, repeat_maps,
+            "--results on (HDF5 log, one row per reply, flushed)")
     tp_args = ["--threads", 1, "--workers", workers, *LEAN]
     served = serve(model, tp_args)
     try:
@@ -280,6 +317,30 @@ def run(model: str, repeat_maps: int, repeat_scans: int, per_client: int, thread
         out["throughput_batched"] = batched_throughput(model, tp_args, volume, per_client, batch_max)
     out["curve"] = with_curve(model, server_args + LEAN, volume, repeat_maps, plaintext_p50_ms=out["map"]["p50_ms"])
     return out
+
+
+def paired(model: str, args_on: list, args_off: list, volume, repeat: int, what: str) -> tuple[dict, dict]:
+    """The map round trip against two servers at once, requests alternating between them, so that both
+    figures of a ratio see the same load (the machine is shared): (with ``args_on``, with ``args_off``)."""
+    from defectscope.server.client import Client
+
+    on, off = serve(model, args_on), serve(model, args_off)
+    try:
+        with Client(on.endpoint, timeout_s=60, retries=0) as a, Client(off.endpoint, timeout_s=60, retries=0) as b:
+            times = {"on": [], "off": []}
+            replies = {"on": [], "off": []}
+            for i in range(repeat + 5):
+                for key, client in (("on", a), ("off", b)) if i % 2 else (("off", b), ("on", a)):
+                    t0 = time.perf_counter()
+                    reply = client.classify(volume)
+                    if i >= 5:
+                        times[key].append((time.perf_counter() - t0) * 1e3)
+                        replies[key].append(reply)
+        return tuple({**summary(times[k]), "stages_ms": stage_medians(replies[k]), "what": what if k == "on" else
+                      "the same, without --results, interleaved request by request"} for k in ("on", "off"))
+    finally:
+        on.stop()
+        off.stop()
 
 
 def map_only(model: str, args: list, volume, repeat: int, what: str) -> dict:
@@ -305,8 +366,11 @@ def through_server(served, out: dict, volume, frames, geometry, mask, repeat_map
     with Client(served.endpoint, timeout_s=120, retries=0) as client:
         info = client.info()
         out["server"] = {"provider": info["provider"], "threads": info.get("threads"), "banner": served.banner}
-        times, replies = round_trips(lambda: client.classify(volume), repeat_maps)
-        out["map"] = {**summary(times), "stages_ms": stage_medians(replies)}
+        times, replies, bare = interleaved(client, volume, out["floors"].pop("sessions"), repeat_maps)
+        out["map"] = {**summary(times), "stages_ms": stage_medians(replies),
+                      "sent": "alternating with the bare inferences of the floor, so that both see the same load"}
+        out["floors"]["by_threads"] = bare
+        out["floors"]["best"] = min(bare.values(), key=lambda b: b["p50_ms"])
         times, replies = round_trips(lambda: client.classify_scan(frames, geometry, mask=mask), repeat_scans, 2)
         out["scan"].update({**summary(times), "stages_ms": stage_medians(replies), "sent": "one message, one frame per part"})
         times, replies = round_trips(lambda: client.classify_scan_stream(frames, geometry, mask=mask), repeat_scans, 2)
@@ -384,7 +448,7 @@ def main(argv=None) -> int:
         "scan_stream_paced_after_last_frame_over_bare":
             round(result["scan_stream_paced"]["after_last_frame_p50_ms"] / bare, 3),
         "throughput_16_over_one_per_bare": round(result["throughput"][-1]["per_s"] * bare / 1e3, 3),
-        "results_on_over_off": round(result["map_results"]["p50_ms"] / result["map"]["p50_ms"], 3)}
+        "results_on_over_off": round(result["map_results"]["p50_ms"] / result["map_results_off"]["p50_ms"], 3)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"best bare {bare:.2f} ms; map e2e {result['map']['p50_ms']:.2f} ms ({result['ratios']['map_e2e_over_bare']}x); "

@@ -88,7 +88,7 @@ def targets(serving: dict, ortho: dict, steps: dict | None) -> dict:
                                    least_possible=None, most_possible=round(
                                        cores * best / serving["floors"]["by_threads"]["1"]["p50_ms"], 3),
                                    most_possible_is=f"{cores} cores, each inferring on one thread, nothing else")
-    on, off = serving["map_results"]["p50_ms"], serving["map"]["p50_ms"]
+    on, off = serving["map_results"]["p50_ms"], (serving.get("map_results_off") or serving["map"])["p50_ms"]
     out["results_on"] = _target("results_on", on, off, on / off, on)
     return out
 
@@ -113,6 +113,7 @@ def collect(serving: dict, ortho: dict, steps: dict | None = None) -> dict:
         "map_default": default and {**default, "floor_ms": (floors.get("default_request") or {}).get("p50_ms"),
                                     "over_best_bare": round(default["p50_ms"] / best, 3)},
         "map_results": serving.get("map_results"),
+        "map_results_off": serving.get("map_results_off"),
         "scan": serving["scan"],
         "scan_stream": serving["scan_stream"],
         "scan_stream_paced": serving.get("scan_stream_paced"),

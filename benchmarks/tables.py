@@ -64,6 +64,9 @@ def measurement_table(r: dict) -> str:
             _stages(r["map_default"]["stages_ms"]))
     if r.get("map_results"):
         row("64³ map end to end with `--results`", r["map_results"], _stages(r["map_results"]["stages_ms"]))
+    if r.get("map_results_off"):
+        row("the same without `--results`, requests alternating with the row above", r["map_results_off"],
+            _stages(r["map_results_off"]["stages_ms"]))
     sc, st = r["scan"], r["scan_stream"]
     row(f"raw {'×'.join(map(str, sc['shape']))} scan ({sc['bytes'] / 1e6:.0f} MB), one message", sc, _stages(sc["stages_ms"]))
     row("same scan streamed, one message per frame, as fast as the client sends", st,

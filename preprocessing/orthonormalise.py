@@ -211,7 +211,8 @@ def build_mapping(geometry: Geometry, frame: CanonicalFrame, grid: Grid) -> Pixe
 
 
 def _inverse_counts(mapping: PixelMapping, mask: np.ndarray | None, received: np.ndarray) -> np.ndarray:
-    """1/count over the touched voxels, counting only unmasked pixels of received frames (0 where none)."""
+    """1/count over the touched voxels, counting only unmasked pixels of received frames (0 where none),
+    and a last 0 for the spare bin, so that a voxel's rank indexes it directly (``finish_window``)."""
     excluded = [mapping.rank[i] for i in np.flatnonzero(~received)]
     if mask is not None:
         for i in np.flatnonzero(received):
@@ -219,7 +220,9 @@ def _inverse_counts(mapping: PixelMapping, mask: np.ndarray | None, received: np
     counts = mapping.counts.astype(np.float64)
     if excluded:
         counts -= np.bincount(np.concatenate(excluded), minlength=mapping.spare + 1)[: mapping.spare]
-    return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    inverse = np.zeros(mapping.spare + 1)
+    np.divide(1.0, counts, out=inverse[:-1], where=counts > 0)
+    return inverse
 
 
 def _block_peak(sums: np.ndarray) -> np.ndarray:
@@ -375,7 +378,7 @@ class Orthonormaliser:
             raise ShapeMismatch(f"{len(missing)} of {len(state.received)} frames never arrived (first: {missing[0]})")
         inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
         volume = np.zeros(mapping.grid.n_voxels)
-        volume[mapping.touched] = state.total[: mapping.spare] * inverse
+        volume[mapping.touched] = state.total[: mapping.spare] * inverse[: mapping.spare]
         state.total = np.empty(0)  # the state is spent
         return _qmap(volume, mapping.grid, mapping.frame)
 
@@ -408,9 +411,10 @@ class Orthonormaliser:
         box = tuple(slice(a, a + n) for a, n in zip(lo, extent))
         ranks = mapping.rank_grid[box]
         inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
-        outside = ranks == mapping.spare  # voxels no pixel reaches stay 0
-        volume = state.total[ranks] * inverse[np.minimum(ranks, mapping.spare - 1)]
-        volume[outside] = 0.0
+        # np.take: a third of the time of fancy indexing with these int32 ranks; the spare bin's inverse is 0.
+        volume = np.take(state.total, ranks) * np.take(inverse, ranks)
+        if not state.total[mapping.spare] >= 0:  # voxels no pixel reaches are 0, never -0.0 (or NaN)
+            volume[ranks == mapping.spare] = 0.0
         if close:
             state.total = np.empty(0)  # the state is spent
         qmap = QMap(volume=volume, voxel_size=mapping.grid.steps.copy(),

@@ -27,7 +27,7 @@ def _serving(bare_ms, map_floor_ms, scan_floor_ms):
         "machine": {"cpu_count": 2, "processor": "x86_64", "load_average": [0.1, 0.1, 0.1]},
         "server": {"provider": "CPUExecutionProvider", "options": "--no-sampling-check --cross-check none"},
         "model": "m.onnx",
-        "map": timing, "map_results": {**timing, "p50_ms": 10.4}, "map_default": {**timing, "p50_ms": 30.0},
+        "map": timing, "map_results": {**timing, "p50_ms": 10.4}, "map_results_off": {**timing, "p50_ms": 10.0}, "map_default": {**timing, "p50_ms": 30.0},
         "scan": {**timing, "p50_ms": 90.0, "shape": [201, 256, 256], "bytes": 52690944},
         "scan_stream": {**timing, "after_last_frame_p50_ms": 5.0},
         "scan_stream_paced": {**timing, "frame_interval_ms": 5, "after_last_frame_p50_ms": 7.0, "after_last_frame_p99_ms": 9.0},
