@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
 from defectscope.model.decision import decide
 from defectscope.preprocessing.validate import make_warning
 

@@ -2,9 +2,7 @@
 
 import numpy as np
 import pytest
-
 from conftest import bragg_map
-
 from defectscope.preprocessing.cut import cut_near_peak
 from defectscope.preprocessing.pipeline import prepare
 

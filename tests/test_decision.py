@@ -5,9 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from defectscope.model.decision import (
+    DECISION_KEY,
+    DecisionRule,
+    decide,
+    parse_decision,
+)
 
 from defectscope.errors import ModelUnavailable
-from defectscope.model.decision import DECISION_KEY, DecisionRule, decide, parse_decision
 
 onnx = pytest.importorskip("onnx")
 
@@ -97,7 +102,6 @@ def test_fit_writes_a_servable_model_with_its_rule(fitted):
 
 def test_reply_carries_decision_and_warns_out_of_distribution(fitted, tmp_path):
     from conftest import bragg_map
-
     from defectscope.model.predictor import Predictor
     from defectscope.server.core import Classifier
 
@@ -120,7 +124,6 @@ def test_reply_carries_decision_and_warns_out_of_distribution(fitted, tmp_path):
 
 def test_batch_reply_has_one_decision_per_map(predictor):
     from conftest import bragg_map
-
     from defectscope.server.core import Classifier
     from defectscope.server.protocol import Request
 

@@ -25,8 +25,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from defectscope.model.decision import DECISION_KEY, OOD_OUTPUT, SCHEMA_VERSION, DecisionRule
+from defectscope.model.decision import (
+    DECISION_KEY,
+    OOD_OUTPUT,
+    SCHEMA_VERSION,
+    DecisionRule,
+)
 from defectscope.training.eval_metrics import risk_coverage
 
 SHRINKAGE = 0.1
@@ -60,10 +64,10 @@ def with_features(proto):
 def prepared_features(proto, pipeline, data: str):
     """(features, probabilities, labels) of every map of ``data`` prepared by ``pipeline`` (refused maps left out)."""
     import onnxruntime as ort
-
-    from defectscope.errors import DefectscopeError
     from defectscope.preprocessing.pipeline import prepare
     from defectscope.training.map_files import label_map, open_map_file
+
+    from defectscope.errors import DefectscopeError
 
     model, name = with_features(proto)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -149,7 +153,6 @@ def _scores(classes, probs, labels) -> dict:
 def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1):
     """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
     import onnx
-
     from defectscope.model.metadata import parse_metadata
 
     proto = onnx.load(str(model_path))
@@ -171,7 +174,7 @@ def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: floa
                         defective_threshold=None if defective[0] is None else round(defective[0], 6),
                         ood_threshold=round(float(np.percentile(ood_cal, OOD_PERCENTILE)), 4),
                         fitted_on={"ood_gaussian": str(fit_data), "thresholds": str(calibrate_data),
-                                   "n_fit": int(len(l_fit)), "n_calibrate": int(len(l_cal)),
+                                   "n_fit": len(l_fit), "n_calibrate": len(l_cal),
                                    "ood_percentile": OOD_PERCENTILE, "shrinkage": SHRINKAGE,
                                    "max_answer_risk": max_answer_risk})
     add_ood_output(proto, means, precision)
@@ -185,17 +188,16 @@ def check(path, data, rule: DecisionRule) -> dict:
     """The written model on other held-out data: risk-coverage, the confident answers' error and coverage, the
     share flagged out of distribution, and that its in-graph OOD score is finite."""
     import onnx
-
     from defectscope.model.predictor import Predictor
 
     proto = onnx.load(str(path))
     predictor = Predictor(path, provider="cpu", warmup=False)
-    feats, probs, labels = prepared_features(proto, predictor.pipeline, data)
+    _, probs, labels = prepared_features(proto, predictor.pipeline, data)
     scores = _scores(predictor.classes, probs, labels)
     confidence, correct = scores["label"]
     confident = confidence >= rule.threshold
     _, ood = predictor.run(np.zeros((1, *predictor.pipeline.shape), np.float32))
-    return {"data": str(data), "n": int(len(labels)), **{k: risk_coverage(*v) for k, v in scores.items()},
+    return {"data": str(data), "n": len(labels), **{k: risk_coverage(*v) for k, v in scores.items()},
             "confident_coverage": round(float(confident.mean()), 4),
             "confident_error": round(float(1 - correct[confident].mean()), 4) if confident.any() else None,
             "ood_score_of_an_empty_map": float(ood[0])}
@@ -203,7 +205,6 @@ def check(path, data, rule: DecisionRule) -> dict:
 
 def main(argv=None) -> int:
     import onnx
-
     from defectscope.training.export import card_path, set_metadata
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -95,9 +95,17 @@ def displacement(kind: str, built, rng: np.random.Generator) -> np.ndarray:
 def make_map(kind: str, index: int, seed: int) -> np.ndarray:
     """One map of ``kind`` (float32 counts, 64^3, canonical frame)."""
     from defectscope.training import sampling
-    from defectscope.training.diffraction import NufftAmplitude, intensity, scattering_atoms
+    from defectscope.training.diffraction import (
+        NufftAmplitude,
+        intensity,
+        scattering_atoms,
+    )
     from defectscope.training.sim_config import SimulationConfig
-    from defectscope.training.simulator import build_configuration, orientation_grid, plan_configuration
+    from defectscope.training.simulator import (
+        build_configuration,
+        orientation_grid,
+        plan_configuration,
+    )
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(KINDS.index(kind), index)))
     if kind == "noise":
@@ -160,6 +168,7 @@ def main(argv=None) -> int:
     from defectscope.model.predictor import Predictor
     from defectscope.model.registry import cross_check_for, resolve_model
     from defectscope.server.core import Classifier
+    from defectscope.training.evaluate import write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-kind", type=int, default=12)
@@ -187,8 +196,7 @@ def main(argv=None) -> int:
         entry["confident_defect_free_total"] = sum(e["confident_defect_free"] for e in entry["kinds"].values())
         result["models"][name] = entry
         print(name, json.dumps({k: (v["confident_defect_free"], v["uncertain"], v["ood_auc"]) for k, v in entry["kinds"].items()}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.out)
     print(f"-> {args.out}")
     return 0
 

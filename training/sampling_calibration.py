@@ -18,9 +18,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from defectscope.preprocessing.config import PipelineConfig
-from defectscope.preprocessing.oversampling import autocorrelation_oversampling, central_peak_width, crystal_extent_nm
+from defectscope.preprocessing.oversampling import (
+    autocorrelation_oversampling,
+    central_peak_width,
+    crystal_extent_nm,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "eval" / "sampling_estimators.json"
@@ -84,6 +87,8 @@ def measured() -> dict:
 
 
 def main(argv=None) -> int:
+    from defectscope.training.evaluate import write_json
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configurations", type=int, default=60)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -92,8 +97,7 @@ def main(argv=None) -> int:
                          + (f" --configurations {args.configurations}" if args.configurations != 60 else ""),
               "central_peak_ratio_in_use": PipelineConfig().central_peak_ratio,
               "simulated": simulated(args.configurations), "measured": measured()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.out)
     print(json.dumps(result["simulated"], indent=1))
     for variant, r in result["measured"].items():
         print(f"{variant:28s} central peak {r['central_peak']['crystal_extent_nm']} nm | "

@@ -26,7 +26,6 @@ MODELS = ("defectscope-3class", "defectscope-2class")
 def with_target(model_path: Path, target: float, out: Path) -> Path:
     """A copy of an ONNX model whose pipeline config has ``oversampling_target = target`` (card unchanged)."""
     import onnx
-
     from defectscope.model.metadata import CARD_KEY, parse_metadata
     from defectscope.training.export import set_metadata
 
@@ -47,7 +46,7 @@ def summary(result: dict) -> dict:
 
 def main(argv=None) -> int:
     from defectscope.model.registry import resolve_model
-    from defectscope.training.evaluate import evaluate_model
+    from defectscope.training.evaluate import evaluate_model, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="+")
@@ -68,8 +67,7 @@ def main(argv=None) -> int:
             out["models"][name] = {"model": shipped["model"], "trained_range": summary(shipped),
                                    f"target_{args.target:g}": summary(moved)}
             print(name, "trained range", shipped["accuracy"], f"| target {args.target:g}", moved["accuracy"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(out, args.out)
     print(f"-> {args.out}")
     return 0
 
