@@ -133,13 +133,13 @@ def load_measured_scan():
 
 
 def format_table(rows: list[dict], classes: list[str]) -> str:
-    head = f"{'example':<26} {'true':<12} {'predicted':<12} " + " ".join(f"{c:>11}" for c in classes) + \
+    head = f"{'example':<26} {'true':<12} {'predicted':<12} {'decision':<10} " + " ".join(f"{c:>11}" for c in classes) + \
         f" {'server ms':>10} {'round trip ms':>14}  warnings"
     lines = [head, "-" * len(head)]
     for r in rows:
         probs = " ".join(f"{p:>11.3f}" for p in r["probabilities"])
-        lines.append(f"{r['name']:<26} {r['true']:<12} {r['predicted']:<12} {probs} {r['server_ms']:>10.1f} "
-                     f"{r['round_trip_ms']:>14.1f}  {','.join(r.get('warnings') or []) or '-'}")
+        lines.append(f"{r['name']:<26} {r['true']:<12} {r['predicted']:<12} {r.get('decision') or '-':<10} {probs} "
+                     f"{r['server_ms']:>10.1f} {r['round_trip_ms']:>14.1f}  {','.join(r.get('warnings') or []) or '-'}")
     return "\n".join(lines)
 
 
@@ -208,7 +208,7 @@ def _row(name: str, true: str, reply: dict, t0: float) -> dict:
     return {"name": name, "true": true, "predicted": reply["label"], "probabilities": reply["probabilities"],
             "classes": reply["classes"], "server_ms": reply["timings_ms"]["total"],
             "round_trip_ms": (time.perf_counter() - t0) * 1e3, "prepared": np.asarray(reply["prepared"]),
-            "warnings": [w["reason"] for w in reply.get("warnings", [])]}
+            "warnings": [w["reason"] for w in reply.get("warnings", [])], "decision": reply.get("decision")}
 
 
 def cmd_demo(args) -> int:

@@ -47,8 +47,9 @@ def test_demo_runs_and_stops_the_server_cleanly(tmp_path, fixture_model):
     table = (out_dir / "demo_table.txt").read_text().splitlines()
     assert table[0].split()[:3] == ["example", "true", "predicted"]
     rows = table[2:]
-    assert len(rows) == 6 and {r.split()[-7] for r in rows} <= {"defect_free", "screw", "edge"}
-    assert sorted(r.split()[-8] for r in rows) == sorted(["defect_free", "screw", "edge"] * 2)
+    assert len(rows) == 6 and {r.split()[-8] for r in rows} <= {"defect_free", "screw", "edge"}  # predicted
+    assert {r.split()[-7] for r in rows} <= {"confident", "uncertain"}  # decision
+    assert sorted(r.split()[-9] for r in rows) == sorted(["defect_free", "screw", "edge"] * 2)  # true
     assert (out_dir / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "server stopped cleanly (exit code 0)" in out.stdout
 
