@@ -39,9 +39,8 @@ Request = Job  # the name the core's signatures use: a job, parsed from the wire
 log = logging.getLogger(__name__)
 
 class _EstimatorPool:
-    """The threads a classifier runs oversampling estimates on (``Classifier._overlapped``), made on first
-    use and made again in a forked child (which inherits the pool object but none of its threads). A
-    reload hands the old classifier's pool to the new one, so reloads do not add threads."""
+    """The threads a classifier runs oversampling estimates on (``Classifier._overlapped``): made on first use and
+    again in a forked child (which inherits none of its threads); a reload hands it on, adding no threads."""
 
     def __init__(self, workers: int = 4):
         self.workers = workers
@@ -58,9 +57,8 @@ class _EstimatorPool:
 
 
 def open_data_file(root: Path | None, path: str):
-    """``(file, name)``: ``path`` under the data root, open for reading, and the name under the root of
-    the file opened (``loaders.open_under_root``: no '..', no absolute or symlink escape, nothing outside
-    the root ever opened). Read everything from that file: opening the path again could open another."""
+    """``(file, name)``: ``path`` under the data root, open for reading, and its name under the root (``loaders.
+    open_under_root``: nothing outside the root is ever opened). Read it all from that file, never reopen the path."""
     if root is None:
         raise PathNotAllowed("file input is disabled on this server (no data root configured)")
     return open_under_root(root, path)
@@ -305,8 +303,7 @@ class Classifier:
         return _Staged(request, prepared, warnings, warnings_per, reports, timings, t0, prior_ms, variants)
 
     def _infer(self, prepared: np.ndarray, timings: dict) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and the out-of-distribution score (None when the model has none), one call."""
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # probabilities and the OOD score (None when the model has none), one call
         probabilities, ood = self.predictor.run(prepared)
         timings["infer"] = (time.perf_counter() - t1) * 1e3
         if not np.all(np.isfinite(probabilities)):
