@@ -131,3 +131,29 @@ def test_batch_reply_has_one_decision_per_map(predictor):
     reply = Classifier(predictor, overlap=False).classify(
         Request("classify", "b", {}, kind="map", array=maps, spec={"axes": ["q_par", "q_perp1", "q_perp2"]})).reply
     assert len(reply["decision"]) == 2 and len(reply["verdict"]) == 2 and not reply["decision_detail"]["calibrated"]
+
+
+def test_the_two_bundled_rules_never_give_confident_opposite_answers():
+    """With the cross-check on (MODELS_DISAGREE above a 0.3 gap in P(defective)), the 3-class and 2-class rules
+    as shipped can never both be confident and disagree on defect-free vs defective: any pair of probabilities."""
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+    from defectscope.server.checks import DISAGREEMENT
+
+    three = Predictor(resolve_model("defectscope-3class"), provider="cpu", warmup=False)
+    two = Predictor(resolve_model("defectscope-2class"), provider="cpu", warmup=False)
+    rng = np.random.default_rng(0)
+    p3 = rng.dirichlet([0.3, 0.3, 0.3], 20000)
+    p2 = np.clip(1 - p3[:, 0] + rng.normal(0, 0.25, len(p3)), 0, 1)
+    both, defective = 0, 0
+    for a, d in zip(p3, p2):
+        warned = ["MODELS_DISAGREE"] if abs((1 - a[0]) - d) > DISAGREEMENT else []
+        x = decide(three.classes, a, three.decision, warned)
+        y = decide(two.classes, [1 - d, d], two.decision, warned)
+        if x["decision"] == "confident" and y["decision"] == "confident":
+            both += 1
+            assert (x["verdict"] == "defect_free") == (y["verdict"] == "defect_free"), (a, d)
+        if x["verdict"] == "defective" and y["decision"] == "confident":
+            defective += 1
+            assert y["verdict"] == "defective", (a, d)
+    assert both > 1000 and defective > 100  # the draw reaches the cases that could contradict
