@@ -241,3 +241,25 @@ def test_a_remote_dispatcher_on_a_0mq_proxy_classifies_the_run(server, client, c
     assert not dispatcher_thread.is_alive()
     assert cb.errors == {} and cb.last is reply and list(cb.results) == [uid]
     assert_same_answer(reply, client.classify_scan(frames, geometry.to_dict()))
+
+
+def test_the_deployed_profile_startup_classifies_every_run(server, client, synthetic, tmp_path, monkeypatch):
+    """deploy/bluesky/50-defectscope.py, run as IPython runs a profile's startup file (in the session's
+    namespace, after RE exists), subscribes a callback that classifies the session's runs."""
+    import json
+    import runpy
+
+    geometry, frames = synthetic
+    (tmp_path / "geometry.json").write_text(json.dumps(geometry.to_dict()))
+    monkeypatch.setenv("DEFECTSCOPE_SERVER", server.endpoint)
+    monkeypatch.setenv("DEFECTSCOPE_GEOMETRY", str(tmp_path / "geometry.json"))
+    monkeypatch.setenv("DEFECTSCOPE_DETECTOR_FIELD", "det")
+    RE = RunEngine({})
+    session = runpy.run_path(str(Path(__file__).resolve().parents[1] / "deploy" / "bluesky" / "50-defectscope.py"),
+                             init_globals={"RE": RE})
+    try:
+        beamline = Beamline(geometry, frames)
+        (uid,) = RE(beamline.scan())
+        assert_same_answer(session["defectscope_cb"].wait(uid, timeout=60), client.classify_scan(frames, geometry.to_dict()))
+    finally:
+        session["defectscope_client"].close()
