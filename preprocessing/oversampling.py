@@ -233,6 +233,11 @@ def resample(volume: np.ndarray, factor, *, centre: Sequence[float] | None = Non
     With them, only the window of ``shape`` whose voxel ``shape // 2`` sits on source position ``centre``
     is computed (zeros beyond the source), so a large input costs no more than the window; an integer
     ``centre`` keeps the peak voxel's value exactly. Linear interpolation (no negative intensities).
+
+    Along an axis sampled at least twice as coarsely (factor <= 0.5: a small crystal on a fine grid), each
+    output voxel is first averaged over the floor(1 / factor) input voxels it stands for (``_box_average``),
+    as gridding at the coarser voxel would: interpolation alone would keep one voxel's counts in that many
+    and their noise with them. Training maps never need it (their oversampling is at most ~6).
     """
     factor = np.broadcast_to(np.asarray(factor, dtype=np.float64), (3,))
     if not np.all(factor > 0):
@@ -245,7 +250,28 @@ def resample(volume: np.ndarray, factor, *, centre: Sequence[float] | None = Non
         if centre is None:
             centre = [n // 2 for n in volume.shape]
         start = np.asarray(centre, dtype=np.float64) - step * np.array([n // 2 for n in shape])
+    width = np.floor(step + 1e-9).astype(int)
+    if np.any(width > 1):
+        volume, start = _box_average(volume, width, start, step, shape)
     return zoom_linear(volume, step, start, shape)
+
+
+def _box_average(volume: np.ndarray, width: np.ndarray, start: np.ndarray, step: np.ndarray, shape):
+    """The part of ``volume`` the resampling reads, each axis with width > 1 replaced by its running mean over
+    ``width`` voxels centred on each voxel (zeros beyond the map), and ``start`` in that part's voxels."""
+    from scipy.ndimage import uniform_filter1d
+
+    lo = np.maximum(np.floor(start).astype(int) - width, 0)
+    hi = np.minimum(np.ceil(start + step * (np.asarray(shape) - 1)).astype(int) + width + 2, volume.shape)
+    if np.any(hi <= lo):  # the window lies beyond the map: nothing to average
+        return volume, start
+    part = np.asarray(volume[tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
+    start = start - lo
+    for axis in np.flatnonzero(width > 1):
+        part = uniform_filter1d(part, int(width[axis]), axis=int(axis), mode="constant")
+        if width[axis] % 2 == 0:  # an even window's mean at index i is centred on i - 1/2
+            start[axis] += 0.5
+    return part, start
 
 
 def oversampling_warning(per_axis, factors, config: PipelineConfig) -> dict | None:

@@ -27,21 +27,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
 from defectscope.preprocessing.centring import (
-    CentredWindow, centre_of_mass, centre_of_mass_shift, crop_pad, find_peak, isolated_voxels,
+    CentredWindow,
+    centre_of_mass,
+    centre_of_mass_shift,
+    crop_pad,
+    find_peak,
+    isolated_voxels,
 )
 from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.cut import cut_warning
-from defectscope.preprocessing.frames import CANONICAL_AXES, FramePlan, apply_plan, plan_canonical
+from defectscope.preprocessing.frames import CANONICAL_AXES, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import (
-    crystal_extent_nm, estimate_oversampling, oversampling_warning, resample, resample_factors, undetermined_warning,
+    crystal_extent_nm,
+    estimate_oversampling,
+    oversampling_warning,
+    resample,
+    resample_factors,
+    undetermined_warning,
 )
+from defectscope.preprocessing.source import CanonicalSource
 from defectscope.preprocessing.validate import (
-    amplitude_to_intensity, check_declared, check_intensity, check_range, check_values, make_warning,
+    amplitude_to_intensity,
+    check_declared,
+    check_intensity,
+    check_range,
+    check_values,
+    make_warning,
 )
+
+from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
 
 WARNING_REASONS = (
     "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",
@@ -153,7 +169,7 @@ class Preparation:
 
         shape = config.shape
         margin = window_margin(shape)
-        source = _CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
+        source = CanonicalSource(work, plan_canonical(work.shape, axes, q_direction, voxel_size, max_voxels=limits.max_map_voxels))
         source.start(config, np.asarray(shape) + 2 * margin)
         peak = find_peak(source.array, config)
         if not peak.median_counts > 0:
@@ -278,57 +294,6 @@ class _Centred:
     com: np.ndarray | None  # centre of mass of the counts when centring did not converge
 
 
-class _CanonicalSource:
-    """The map in the canonical frame, whole or (large maps needing interpolation) a region of it.
-
-    Converting only a region around the peak keeps a 128^3 oblique map at the cost of a ~80^3 one; the
-    region is re-made wherever a later step needs data it lacks, so the result is that of the full
-    conversion. ``origin`` is the region's first voxel in the full canonical grid.
-    """
-
-    def __init__(self, work: np.ndarray, plan: FramePlan):
-        self.work, self.plan = work, plan
-        self.array, self.info = None, {}
-        self.origin = np.zeros(3, dtype=int)
-        self.windowed = False
-        self.patches: list[tuple[np.ndarray, np.ndarray]] = []  # suppressed voxels, re-applied after re-making
-
-    def start(self, config: PipelineConfig, region: np.ndarray):
-        if self.plan.interpolated and np.prod(self.plan.out_shape) > np.prod(region):
-            # The peak is found in the frame as sent (a rotation does not change which voxels are hot).
-            seed = find_peak(self.work, config)
-            centre = np.floor(self.plan.canonical_position(seed.index) + 0.5).astype(int)
-            self._convert(centre, region)
-        else:
-            self._convert(None, None)
-
-    def _convert(self, centre, region):
-        window = None if centre is None else (centre, region)
-        self.array, self.info = apply_plan(self.work, self.plan, window=window)
-        self.origin = np.array(self.info["window_origin"])
-        self.windowed = centre is not None
-        for index, values in self.patches:
-            local = index - self.origin
-            inside = np.all((local >= 0) & (local < self.array.shape), axis=1)
-            self.array[tuple(local[inside].T)] = values[inside]
-
-    def ensure(self, centre: np.ndarray, extent: np.ndarray) -> bool:
-        """Make sure the box of ``extent`` around ``centre`` (full grid) is present wherever the full map
-        has data; re-make the region around ``centre`` if not. True if it was re-made."""
-        if not self.windowed:
-            return False
-        full = np.asarray(self.plan.out_shape)
-        lo = np.clip(centre - extent // 2, 0, full)
-        hi = np.clip(centre - extent // 2 + extent, 0, full)
-        if np.all(lo >= self.origin) and np.all(hi <= self.origin + self.array.shape):
-            return False
-        self._convert(np.asarray(centre, dtype=int), np.maximum(extent, self.array.shape))
-        return True
-
-    def local(self, index) -> np.ndarray:
-        return np.asarray(index) - self.origin
-
-
 def _apply_mask(work: np.ndarray, mask, config: PipelineConfig, warnings: list[dict]) -> int:
     if mask is None:
         return 0
@@ -369,7 +334,7 @@ def _peak_warnings(index: np.ndarray, counts: float, shape: Sequence[int], confi
     return warnings
 
 
-def _suppress_isolated(source: _CanonicalSource, window: np.ndarray, peak_index, peak_counts: float,
+def _suppress_isolated(source: CanonicalSource, window: np.ndarray, peak_index, peak_counts: float,
                        config: PipelineConfig) -> dict | None:
     """Remove hot voxels from the window around the peak, and from the source it is re-cut from.
 
@@ -391,7 +356,7 @@ def _suppress_isolated(source: _CanonicalSource, window: np.ndarray, peak_index,
     )
 
 
-def _centre(source: _CanonicalSource, peak_index, shape, margin) -> tuple[CentredWindow, list[float]]:
+def _centre(source: CanonicalSource, peak_index, shape, margin) -> tuple[CentredWindow, list[float]]:
     """Whole-voxel centre of mass from the canonical map (re-made where a region lacks data)."""
     start = np.asarray(peak_index)
     centre = start
@@ -407,7 +372,7 @@ def _centre(source: _CanonicalSource, peak_index, shape, margin) -> tuple[Centre
     return centred._replace(centre=tuple(int(v) for v in centre), shift=shift), [float(c) for c in centre]
 
 
-def _resample_and_centre(source: _CanonicalSource, peak_index, factor: float, shape, margin) -> tuple[CentredWindow, list[float]]:
+def _resample_and_centre(source: CanonicalSource, peak_index, factor: float, shape, margin) -> tuple[CentredWindow, list[float]]:
     """Resample a window (plus margin) around the peak, then centre on whole voxels of the new grid."""
     source_shape = tuple(int(n) for n in np.asarray(shape) + 2 * margin)
     source_mid = np.array([n // 2 for n in source_shape])
