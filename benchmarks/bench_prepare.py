@@ -28,11 +28,13 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "prepare_steps.json"
 REFERENCE = "40d8773"  # the pipeline before issue 19's work (central-peak estimate, per-axis resampling)
-# (name in preprocessing.pipeline, step as the table names it); names a version lacks are skipped.
+# (name in preprocessing.pipeline, or "module:name" in another preprocessing module, alternatives joined by
+# "|"; step as the table names it); names a version lacks are skipped.
 STEPS = (
     ("check_declared", "validate: declared shape and dtype"),
     ("check_values", "validate: values (finite, range, negatives, signal)"),
-    ("apply_plan", "frame: canonical axes"),
+    ("apply_plan|source:apply_plan", "frame: canonical axes"),
+    ("cut_warning", "peak-cut check (data stopping next to the peak)"),
     ("find_peak", "peak search (hot-voxel robust)"),
     ("scan_map", "one pass: cast, min/max, sum, block maxima"),
     ("crop_pad", "window cut around the peak"),
@@ -67,6 +69,21 @@ class _Timer:
         return timed
 
 
+def _owner(pipeline, name: str):
+    """The object holding step ``name`` (see ``STEPS``) and the attribute's name; (None, name) if absent."""
+    import importlib
+
+    if ":" in name:
+        module, attr = name.split(":")
+        try:
+            return importlib.import_module(f"defectscope.preprocessing.{module}"), attr
+        except (ImportError, OSError):  # a module the reference commit does not have
+            return None, attr
+    if "." in name:
+        return pipeline.Preparation, name.split(".")[1]
+    return pipeline, name
+
+
 def measure(repeat: int) -> dict:
     """Per-step own time (median over runs, ms) of ``prepare`` on the example map, and the totals."""
     from defectscope.benchmarks.bench_serving import example_map
@@ -77,10 +94,11 @@ def measure(repeat: int) -> dict:
     config = Predictor(resolve_model("defectscope-3class"), provider="cpu").pipeline
     volume = example_map()
     timer = _Timer()
-    for name, _ in STEPS:
-        owner, attr = (pipeline.Preparation, name.split(".")[1]) if "." in name else (pipeline, name)
-        if hasattr(owner, attr):
-            setattr(owner, attr, timer.wrap(name, getattr(owner, attr)))
+    for names, _ in STEPS:
+        for name in names.split("|"):
+            owner, attr = _owner(pipeline, name)
+            if owner is not None and hasattr(owner, attr):
+                setattr(owner, attr, timer.wrap(names, getattr(owner, attr)))
     runs, totals, variants = [], [], []
     for i in range(repeat + 10):
         timer.own.clear()

@@ -163,6 +163,15 @@ def write(result: dict, steps: dict | None) -> list[str]:
     return [str(p.relative_to(REPO)) for p in written]
 
 
+def _paused_before(serving: dict):
+    """What the run that wrote ``serving`` paused, as recorded in results.json (a --skip-run rebuild keeps it)."""
+    try:
+        previous = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        return None
+    return previous.get("paused_background_job") if previous.get("generated") == serving.get("measured_at") else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-run", action="store_true",
@@ -182,7 +191,7 @@ def main(argv=None) -> int:
     steps = json.loads(STEPS.read_text()) if STEPS.is_file() else None
     if (OUT / "serving.json").is_file() and (OUT / "orthonormalise.json").is_file():
         serving = json.loads((OUT / "serving.json").read_text())
-        serving["paused_background_job"] = args.paused.strip() or None
+        serving["paused_background_job"] = args.paused.strip() or _paused_before(serving)
         result = collect(serving, json.loads((OUT / "orthonormalise.json").read_text()), steps)
     else:  # the committed results alone: only the pages are made again
         result = json.loads(RESULTS.read_text())
