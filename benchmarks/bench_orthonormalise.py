@@ -103,6 +103,11 @@ def _versions() -> dict:
     return found
 
 
+def _machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+
+
 def run(repeat: int) -> dict:
     source, frames, geometry, mask = measured_scan() if SCAN_34IDC.is_dir() else synthetic_scan()
     new_scan = frames[::-1].copy()  # same geometry, other data: what a warm cache serves
@@ -139,12 +144,7 @@ def run(repeat: int) -> dict:
         "grid_shape": list(reference.volume.shape),
         "voxel_size_inv_angstrom": reference.voxel_size.tolist(),
         "repeat": repeat,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0],
-        },
+        "machine": _machine(),
         "versions": _versions(),
         "timings_s": {"median": med, "runs": {"reference": t_ref, "fast_cold": t_cold, "fast_warm": t_warm,
                                               "fast_stream": t_stream, "fast_warm_masked": t_mask,

@@ -208,3 +208,31 @@ def test_serving_without_a_runtime_says_which_extra_to_install(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "defectscope[cpu]" in lines[0] and "MODEL_UNAVAILABLE" in lines[0], out.stderr
+
+
+# -- the shape of the code (a simpler core) ----------------------------------------------------------------------
+SOURCE_FOLDERS = ("server", "model", "preprocessing", "training", "benchmarks", "defectscope")
+
+
+def _sources():
+    return sorted(p for folder in SOURCE_FOLDERS for p in (REPO / folder).rglob("*.py"))
+
+
+def test_no_module_over_450_lines_and_no_function_over_60():
+    too_long = []
+    for path in _sources():
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            too_long.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
+
+
+def test_the_core_knows_no_wire_and_the_tango_device_is_small():
+    core = ast.parse((REPO / "server" / "core.py").read_text())
+    imported = {n.module for n in ast.walk(core) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(core) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and (m.endswith(".protocol") or m == "zmq" or m.startswith("zmq."))}
+    assert len((REPO / "server" / "tango_device.py").read_text().splitlines()) <= 250
