@@ -8,7 +8,13 @@ in the same inference call as the probabilities; ``training/decision_fit.py`` wr
      "threshold": 0.93,            # the label is confident at max probability >= threshold
      "defective_threshold": 0.97,  # 3-class: the defect question alone is confident at max(P(def), P(free)) >= this
      "ood_threshold": 41.7,        # ood_score above it: OUT_OF_DISTRIBUTION
+     "sampling_mean": true,        # the answer is the mean over the map and its sampling-check variants
      "fitted_on": {...}}
+
+With ``sampling_mean`` the server answers with the model's probabilities averaged over the map as prepared and
+the same map prepared at oversamplings 2.3, 3.0 and 3.7 (the sampling check's variants, which it infers
+anyway): the map's true sampling is known to ~20 %, and the model was trained across that range, so the
+answer is marginalised over it. The thresholds are fitted on those averaged probabilities.
 
 ``decide`` turns one map's probabilities, its OOD score and the warnings already on it into the reply's
 ``decision`` (``confident`` / ``uncertain``) and ``verdict``: the most specific answer that is confident,
@@ -38,6 +44,7 @@ class DecisionRule:
     threshold: float | None = None
     defective_threshold: float | None = None
     ood_threshold: float | None = None
+    sampling_mean: bool = False
     fitted_on: dict = field(default_factory=dict)
 
     @property
@@ -47,7 +54,7 @@ class DecisionRule:
     def to_json(self) -> str:
         return json.dumps({"schema_version": SCHEMA_VERSION, "risk": self.risk, "threshold": self.threshold,
                            "defective_threshold": self.defective_threshold, "ood_threshold": self.ood_threshold,
-                           "fitted_on": self.fitted_on}, sort_keys=True)
+                           "sampling_mean": self.sampling_mean, "fitted_on": self.fitted_on}, sort_keys=True)
 
 
 def parse_decision(props: dict, source: str = "model") -> DecisionRule:
@@ -70,7 +77,10 @@ def parse_decision(props: dict, source: str = "model") -> DecisionRule:
             raise ModelUnavailable(f"{source}: {DECISION_KEY} {name} must be a number in [{low}, {high}], got {v!r}")
         return float(v)
 
+    if not isinstance(d.get("sampling_mean", False), bool):
+        raise ModelUnavailable(f"{source}: {DECISION_KEY} sampling_mean must be true or false")
     return DecisionRule(risk=number("risk", 0.0, 1.0, True), threshold=number("threshold", 0.0, 1.0, True),
+                        sampling_mean=d.get("sampling_mean", False),
                         defective_threshold=number("defective_threshold", 0.0, 1.0),
                         ood_threshold=number("ood_threshold", 0.0, 1e12),
                         fitted_on=d.get("fitted_on") if isinstance(d.get("fitted_on"), dict) else {})

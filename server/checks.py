@@ -30,28 +30,37 @@ def defective(classes, probabilities) -> float:
     return float(1.0 - probabilities[list(classes).index("defect_free")])
 
 
-def check_sampling(predictor, staged, probabilities: np.ndarray, guarded) -> None:
+def check_sampling(predictor, staged, probabilities: np.ndarray, guarded) -> np.ndarray:
     """Compare each map's answer with the answers on its sampling variants (``Preparation.sampling_variants``):
     the variants' labels and probabilities go into its report as ``sampling_check``, and a label that
-    changes with the sampling is warned ``SAMPLING_SENSITIVE``: on such a map the answer is not reliable."""
+    changes with the sampling is warned ``SAMPLING_SENSITIVE``: on such a map the answer is not reliable.
+
+    Returns the probabilities to answer with: a model whose rule says ``sampling_mean`` (``model.decision``)
+    answers with the mean over the map and its variants (the map's own answer kept as ``native_probabilities``)."""
     t0 = time.perf_counter()
     classes = list(predictor.classes)
+    answered = np.array(probabilities, dtype=np.float32, copy=True)
     for i, (targets, variants) in enumerate(staged.variants):
         if variants is None:
             continue
         answers = guarded(staged.request, lambda v=variants: predictor.predict(v))
         labels = [classes[int(k)] for k in np.argmax(answers, axis=1)]
-        label = classes[int(np.argmax(probabilities[i]))]
-        staged.reports[i]["sampling_check"] = {
-            "oversampling": list(targets), "labels": labels,
-            "probabilities": [[round(float(v), 4) for v in row] for row in answers]}
+        check = {"oversampling": list(targets), "labels": labels,
+                 "probabilities": [[round(float(v), 4) for v in row] for row in answers]}
+        if predictor.decision.sampling_mean:
+            answered[i] = (probabilities[i] + answers.sum(axis=0)) / (1 + len(answers))
+            check["native_probabilities"] = [round(float(v), 4) for v in probabilities[i]]
+            labels = [classes[int(np.argmax(probabilities[i]))], *labels]
+        staged.reports[i]["sampling_check"] = check
+        label = classes[int(np.argmax(answered[i]))]
         if any(other != label for other in labels):
-            shown = ", ".join(f"{lab} at {t:g}" for lab, t in zip(labels, targets))
+            shown = ", ".join(f"{lab} at {t:g}" for lab, t in zip(check["labels"], targets))
             staged.warnings_per[i].append(make_warning(
                 "SAMPLING_SENSITIVE",
                 f"the answer {label} changes when the map is sampled elsewhere in the trained range "
                 f"({shown}): it depends on how the map was gridded and is not reliable"))
     staged.timings["sampling_check"] = (time.perf_counter() - t0) * 1e3
+    return answered
 
 
 def check_models(predictor, other, staged, probabilities: np.ndarray, guarded) -> None:
@@ -59,6 +68,11 @@ def check_models(predictor, other, staged, probabilities: np.ndarray, guarded) -
     crystal is defective (P(defective) = 1 - P(defect_free) for either model)."""
     t0 = time.perf_counter()
     answers = guarded(staged.request, lambda: other.predict(staged.prepared))
+    if other.decision.sampling_mean:  # the other model answers as it would when served: over the variants too
+        for i, (_, variants) in enumerate(staged.variants):
+            if variants is not None:
+                more = guarded(staged.request, lambda v=variants: other.predict(v))
+                answers[i] = (answers[i] + more.sum(axis=0)) / (1 + len(more))
     for i, (mine, theirs) in enumerate(zip(probabilities, answers)):
         a, b = defective(predictor.classes, mine), defective(other.classes, theirs)
         staged.reports[i]["cross_check"] = {"model": other.describe(), "classes": list(other.classes),

@@ -312,7 +312,7 @@ class Classifier:
 
     def _reply(self, staged: "_Staged", probabilities: np.ndarray, ood: np.ndarray | None = None) -> Outcome:
         if any(v is not None for _, v in staged.variants):
-            check_sampling(self.predictor, staged, probabilities, self._guarded)
+            probabilities = check_sampling(self.predictor, staged, probabilities, self._guarded)
         if self.cross_check is not None:
             check_models(self.predictor, self.cross_check, staged, probabilities, self._guarded)
         check_ood(self.predictor, staged, ood)

@@ -157,3 +157,24 @@ def test_the_two_bundled_rules_never_give_confident_opposite_answers():
             defective += 1
             assert y["verdict"] == "defective", (a, d)
     assert both > 1000 and defective > 100  # the draw reaches the cases that could contradict
+
+
+def test_a_sampling_mean_rule_answers_with_the_mean_over_the_variants(fitted):
+    from conftest import bragg_map
+
+    from defectscope.model.predictor import Predictor
+    from defectscope.server.core import Classifier
+
+    path, _ = fitted
+    predictor = Predictor(path, provider="cpu")
+    assert predictor.decision.sampling_mean
+    reply = Classifier(predictor, overlap=False, cross_check=predictor).classify_map(bragg_map().astype(np.float32)).reply
+    check = reply["preparation"]["sampling_check"]
+    mean = np.mean([check["native_probabilities"], *check["probabilities"]], axis=0)
+    np.testing.assert_allclose(reply["probabilities"], mean, atol=1e-4)
+    assert reply["label"] == list(predictor.classes)[int(np.argmax(mean))]
+    # the cross-check, here the same model, answers the same way: no disagreement with itself
+    np.testing.assert_allclose(reply["preparation"]["cross_check"]["probabilities"], reply["probabilities"], atol=1e-4)
+    # without the sampling check there are no variants: the map's own answer
+    alone = Classifier(predictor, overlap=False, sampling_check=False).classify_map(bragg_map().astype(np.float32)).reply
+    np.testing.assert_allclose(alone["probabilities"], check["native_probabilities"], atol=1e-4)

@@ -8,6 +8,8 @@
   mean variance), fitted on the prepared maps of ``--fit`` (training-distribution data). The computation is
   added to the ONNX graph as the output ``ood_score``, so it costs nothing beside the inference.
   ``ood_threshold`` is its 99th percentile on ``--calibrate`` (held-out maps of the same distribution).
+- Answer: the mean of the model's probabilities over the map and its sampling-check variants (``--native``:
+  the map's own), as the server will answer (``model.decision``: ``sampling_mean``).
 - Decision threshold: the smallest maximum probability at which the answers of ``--calibrate`` that reach it
   are wrong at most ``--risk`` of the time (selective risk), and never below 1 - ``--max-answer-risk``: the
   probabilities are temperature-calibrated, so no single answer whose own chance of being wrong exceeds that
@@ -61,13 +63,15 @@ def with_features(proto):
     return copy, name
 
 
-def prepared_features(proto, pipeline, data: str):
-    """(features, probabilities, labels) of every map of ``data`` prepared by ``pipeline`` (refused maps left out)."""
+def prepared_features(proto, pipeline, data: str, sampling_mean: bool = False):
+    """(features, probabilities, labels) of every map of ``data`` prepared by ``pipeline`` (refused maps left
+    out). Features are the map's own; with ``sampling_mean`` the probabilities are the mean over the map and
+    its sampling-check variants, as the server answers (``model.decision``)."""
     import onnxruntime as ort
-    from defectscope.preprocessing.pipeline import prepare
-    from defectscope.training.map_files import label_map, open_map_file
 
     from defectscope.errors import DefectscopeError
+    from defectscope.preprocessing.pipeline import Preparation
+    from defectscope.training.map_files import label_map, open_map_file
 
     model, name = with_features(proto)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -75,19 +79,20 @@ def prepared_features(proto, pipeline, data: str):
     feats, probs, labels = [], [], []
     with open_map_file(data) as mf:
         mapping = label_map(mf.classes, classes)
-        batch, batch_labels = [], []
         for i in range(mf.n):
             volume, mask = mf.read(i)
             try:
-                batch.append(prepare(volume, pipeline, mask=mask, **mf.frame(i)).array)
+                prep = Preparation(volume, pipeline, mask=mask, **mf.frame(i))
+                per_axis, overall = prep.estimate()
+                maps = [prep.finish(per_axis, overall).array[None]]
+                if sampling_mean:
+                    _, variants = prep.sampling_variants(per_axis)
+                    maps += [variants] if variants is not None else []
             except DefectscopeError:
                 continue
-            batch_labels.append(int(mapping[mf.labels[i]]))
-            if len(batch) == 32 or i == mf.n - 1:
-                p, f = session.run(["probabilities", name], {"cxdp": np.stack(batch)[..., None]})
-                probs.append(p), feats.append(f), labels.extend(batch_labels)
-                batch, batch_labels = [], []
-    return np.concatenate(feats).astype(np.float64), np.concatenate(probs).astype(np.float64), np.array(labels)
+            p, f = session.run(["probabilities", name], {"cxdp": np.concatenate(maps)[..., None]})
+            probs.append(p.mean(axis=0)), feats.append(f[0]), labels.append(int(mapping[mf.labels[i]]))
+    return np.stack(feats).astype(np.float64), np.stack(probs).astype(np.float64), np.array(labels)
 
 
 def fit_gaussian(features: np.ndarray, labels: np.ndarray, n_classes: int):
@@ -150,7 +155,7 @@ def _scores(classes, probs, labels) -> dict:
     return out
 
 
-def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1):
+def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1, sampling_mean: bool = True):
     """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
     import onnx
     from defectscope.model.metadata import parse_metadata
@@ -159,7 +164,7 @@ def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: floa
     contract = parse_metadata({p.key: p.value for p in proto.metadata_props}, source=str(model_path))
     classes = list(contract.classes)
     f_fit, _, l_fit = prepared_features(proto, contract.pipeline, fit_data)
-    f_cal, p_cal, l_cal = prepared_features(proto, contract.pipeline, calibrate_data)
+    f_cal, p_cal, l_cal = prepared_features(proto, contract.pipeline, calibrate_data, sampling_mean)
     means, precision = fit_gaussian(f_fit, l_fit, len(classes))
     ood_cal = mahalanobis(f_cal, means, precision)
     scores = _scores(classes, p_cal, l_cal)
@@ -170,7 +175,7 @@ def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: floa
     if "defective" in scores:
         d_threshold = max(selective_threshold(*scores["defective"], risk)[0], floor)
         defective = (d_threshold, float((scores["defective"][0] >= d_threshold).mean()))
-    rule = DecisionRule(risk=risk, threshold=round(threshold, 6),
+    rule = DecisionRule(risk=risk, threshold=round(threshold, 6), sampling_mean=sampling_mean,
                         defective_threshold=None if defective[0] is None else round(defective[0], 6),
                         ood_threshold=round(float(np.percentile(ood_cal, OOD_PERCENTILE)), 4),
                         fitted_on={"ood_gaussian": str(fit_data), "thresholds": str(calibrate_data),
@@ -192,7 +197,7 @@ def check(path, data, rule: DecisionRule) -> dict:
 
     proto = onnx.load(str(path))
     predictor = Predictor(path, provider="cpu", warmup=False)
-    _, probs, labels = prepared_features(proto, predictor.pipeline, data)
+    _, probs, labels = prepared_features(proto, predictor.pipeline, data, rule.sampling_mean)
     scores = _scores(predictor.classes, probs, labels)
     confidence, correct = scores["label"]
     confident = confidence >= rule.threshold
@@ -214,11 +219,14 @@ def main(argv=None) -> int:
     parser.add_argument("--test", default=None, help="other held-out maps to report on")
     parser.add_argument("--risk", type=float, default=0.02)
     parser.add_argument("--max-answer-risk", type=float, default=0.1)
+    parser.add_argument("--native", action="store_true",
+                        help="answer with the map's own probabilities, not their mean over the sampling variants")
     parser.add_argument("--out", required=True)
     parser.add_argument("--version", default=None, help="the new model version (default: unchanged)")
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args(argv)
-    proto, contract, rule, report = fit(args.model, args.fit, args.calibrate, args.risk, args.max_answer_risk)
+    proto, contract, rule, report = fit(args.model, args.fit, args.calibrate, args.risk, args.max_answer_risk,
+                                        sampling_mean=not args.native)
     card = dict(contract.card)
     if args.version:
         card["previous_version"], card["version"] = card["version"], args.version

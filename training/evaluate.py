@@ -68,30 +68,36 @@ class _Scorer:
         self.predictor, self.batch = predictor, batch
 
     def run(self, items):
-        """items: iterable of (volume, mask, frame kwargs, tag) -> (probabilities, tags, reports, refused)."""
+        """items: iterable of (volume, mask, frame kwargs, tag) -> (probabilities, tags, reports, refused).
+
+        As served: a model whose rule says ``sampling_mean`` (``model.decision``) answers with the mean over the
+        map and its sampling-check variants."""
         from defectscope.preprocessing.pipeline import prepare
 
-        pipeline = self.predictor.pipeline
+        pipeline, mean = self.predictor.pipeline, self.predictor.decision.sampling_mean
         probs, tags, reports, refused = [], [], [], {}
-        xs, pending = [], []
+        xs, pending = [], []  # pending: (tag, report, number of maps in xs)
 
         def flush():
             if xs:
-                probs.append(self.predictor.predict(np.stack(xs)))
-                tags.extend(t for t, _ in pending)
-                reports.extend(r for _, r in pending)
+                p = self.predictor.predict(np.stack(xs))
+                ends = np.cumsum([k for _, _, k in pending])
+                probs.append(np.stack([p[e - k:e].mean(axis=0) for e, (_, _, k) in zip(ends, pending)]))
+                tags.extend(t for t, _, _ in pending)
+                reports.extend(r for _, r, _ in pending)
                 xs.clear()
                 pending.clear()
 
         for volume, mask, frame, tag in items:
             try:
-                prepared = prepare(volume, pipeline, mask=mask, **frame)
+                prepared = prepare(volume, pipeline, mask=mask, sampling_check=mean, **frame)
             except DefectscopeError as exc:
                 refused[exc.reason] = refused.get(exc.reason, 0) + 1
                 continue
-            xs.append(prepared.array)
-            pending.append((tag, prepared.report))
-            if len(xs) == self.batch:
+            maps = [prepared.array, *(prepared.variants if prepared.variants is not None else [])]
+            xs.extend(maps)
+            pending.append((tag, prepared.report, len(maps)))
+            if len(xs) >= self.batch:
                 flush()
         flush()
         p = np.concatenate(probs) if probs else np.zeros((0, len(self.predictor.classes)), np.float32)

@@ -4,10 +4,11 @@ move) or a fixed target on every axis, scored on the same simulated maps.
     python -m defectscope.training.sampling_policy DATA.h5 [DATA.h5 ...] [--split all] [--target 3.0]
         [--out docs/eval/sampling_policy.json]
 
-Each bundled model is evaluated (``defectscope evaluate``'s ``evaluate_model``, the serving path) twice: as
-shipped, and from a temporary copy whose pipeline carries ``oversampling_target``. A fixed target makes the
-prepared map independent of the grid the data came on (docs/measured-data.md), but a model trained on maps
-left where they were sampled loses accuracy when every map is moved to one sampling; the numbers decide.
+Each bundled model is evaluated (``defectscope evaluate``'s ``evaluate_model``, the serving path) from temporary
+copies: its own answer (decision rule without ``sampling_mean``), the same with ``oversampling_target`` in its
+pipeline, and the mean over the sampling variants (``sampling_mean``). A fixed target makes the prepared map
+independent of the grid the data came on (docs/measured-data.md), but a model trained on maps left where they
+were sampled loses accuracy when every map is moved to one sampling; the numbers decide.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ DEFAULT_OUT = REPO / "docs" / "eval" / "sampling_policy.json"
 MODELS = ("defectscope-3class", "defectscope-2class")
 
 
-def with_target(model_path: Path, target: float, out: Path) -> Path:
-    """A copy of an ONNX model whose pipeline config has ``oversampling_target = target`` (card unchanged)."""
+def with_changes(model_path: Path, out: Path, *, target: float | None = None, sampling_mean: bool = False) -> Path:
+    """A copy of an ONNX model with ``oversampling_target = target`` in its pipeline and its decision rule's
+    ``sampling_mean`` set (card and thresholds unchanged)."""
     import onnx
+    from defectscope.model.decision import DECISION_KEY, parse_decision
     from defectscope.model.metadata import CARD_KEY, parse_metadata
     from defectscope.training.export import set_metadata
 
@@ -33,6 +36,13 @@ def with_target(model_path: Path, target: float, out: Path) -> Path:
     props = {p.key: p.value for p in proto.metadata_props}
     contract = parse_metadata(props, source=str(model_path))
     set_metadata(proto, dataclasses.replace(contract.pipeline, oversampling_target=target), json.loads(props[CARD_KEY]))
+    rule = dataclasses.replace(parse_decision(props), sampling_mean=sampling_mean)
+    for p in proto.metadata_props:
+        if p.key == DECISION_KEY:
+            p.value = rule.to_json()
+    if DECISION_KEY not in props and sampling_mean:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = DECISION_KEY, dataclasses.replace(rule, risk=0.0, threshold=0.0).to_json()
     onnx.save(proto, str(out))
     return out
 
@@ -58,15 +68,18 @@ def main(argv=None) -> int:
     out = {"command": "python -m defectscope.training.sampling_policy " + " ".join(args.data)
                       + f" --split {args.split} --target {args.target:g}", "data_command": args.data_command,
            "split": args.split, "models": {}}
+    policies = {"own_answer_trained_range": {}, f"own_answer_target_{args.target:g}": {"target": args.target},
+                "sampling_mean_trained_range": {"sampling_mean": True}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
             path = Path(resolve_model(name))
-            shipped = evaluate_model(path, args.data, split=args.split, progress=False)
-            moved = evaluate_model(with_target(path, args.target, Path(tmp) / path.name), args.data, split=args.split,
-                                   progress=False)
-            out["models"][name] = {"model": shipped["model"], "trained_range": summary(shipped),
-                                   f"target_{args.target:g}": summary(moved)}
-            print(name, "trained range", shipped["accuracy"], f"| target {args.target:g}", moved["accuracy"])
+            out["models"][name] = {}
+            for policy, changes in policies.items():
+                copy = with_changes(path, Path(tmp) / f"{policy}-{path.name}", **changes)
+                result = evaluate_model(copy, args.data, split=args.split, progress=False)
+                out["models"][name][policy] = summary(result)
+                out["models"][name]["model"] = {**result["model"], "path": str(path)}
+                print(name, policy, result["accuracy"])
     write_json(out, args.out)
     print(f"-> {args.out}")
     return 0
