@@ -137,3 +137,14 @@ def _gated_cli(argv) -> int:
 
 if __name__ == "__main__":
     sys.exit(_gated_cli(sys.argv[1:]))
+
+
+def reap(proc, timeout: float) -> None:
+    """A child process that is still running is killed, then waited for and its pipes closed (a test's
+    ``finally``: nothing it started outlives it)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

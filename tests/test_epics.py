@@ -28,7 +28,7 @@ from defectscope.server.client import Client
 from defectscope.server.epics import EpicsBridge
 from defectscope.server.epics_config import BridgeConfig
 
-from sync import HANG_S, wait_until
+from sync import HANG_S, reap, wait_until
 from test_orthonormalise import make_synthetic
 
 CLI = [sys.executable, "-m", "defectscope.server.cli"]
@@ -395,11 +395,7 @@ def test_watch_epics_command(beamline, serve, synthetic, direct, tmp_path):
         assert proc.wait(HANG_S) == 0
         assert "defectscope stopped" in proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(HANG_S)
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc, HANG_S)
 
 
 def test_watch_epics_refuses_an_incomplete_config_in_one_line(tmp_path):

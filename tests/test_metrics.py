@@ -23,7 +23,7 @@ from defectscope.server.metrics import start_metrics
 from defectscope.server.zmq_server import Server
 
 from conftest import bragg_map
-from sync import HANG_S, wait_until
+from sync import HANG_S, reap, wait_until
 from test_orthonormalise import make_synthetic
 
 CLI = [sys.executable, "-m", "defectscope.server.cli"]
@@ -209,11 +209,7 @@ def test_serve_metrics_port(fixture_model):
         assert proc.wait(HANG_S) == 0
         assert "defectscope stopped" in proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(HANG_S)
-        proc.stdout.close()
-        proc.stderr.close()
+        reap(proc, HANG_S)
 
 
 def test_serve_refuses_a_metrics_port_it_cannot_bind(fixture_model):
