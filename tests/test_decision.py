@@ -178,3 +178,23 @@ def test_a_sampling_mean_rule_answers_with_the_mean_over_the_variants(fitted):
     # without the sampling check there are no variants: the map's own answer
     alone = Classifier(predictor, overlap=False, sampling_check=False).classify_map(bragg_map().astype(np.float32)).reply
     np.testing.assert_allclose(alone["probabilities"], check["native_probabilities"], atol=1e-4)
+
+
+def test_the_recorded_command_is_the_one_run_from_the_shell(monkeypatch):
+    """A main(argv=None) run from the shell records its real arguments (the cards once said only
+    'python -m defectscope.training.decision_fit')."""
+    from defectscope.training.evaluate import command_line
+
+    monkeypatch.setattr("sys.argv", ["decision_fit.py", "m.onnx", "--fit", "a b.h5"])
+    assert command_line("defectscope.training.decision_fit", None) == \
+        "python -m defectscope.training.decision_fit m.onnx --fit 'a b.h5'"
+    assert command_line("x", ["--n", "3"]) == "python -m x --n 3"
+
+
+def test_the_bundled_cards_say_how_their_rule_was_fitted():
+    from defectscope.model.predictor import Predictor
+    from defectscope.model.registry import resolve_model
+
+    for name in ("defectscope-3class", "defectscope-2class"):
+        card = Predictor(resolve_model(name), provider="cpu", warmup=False).card
+        assert "--fit" in card["decision"]["command"] and "--calibrate" in card["decision"]["command"]

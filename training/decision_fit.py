@@ -210,6 +210,7 @@ def check(path, data, rule: DecisionRule) -> dict:
 
 def main(argv=None) -> int:
     import onnx
+    from defectscope.training.evaluate import command_line
     from defectscope.training.export import card_path, set_metadata
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     if args.version:
         card["previous_version"], card["version"] = card["version"], args.version
     card["decision"] = {**json.loads(rule.to_json()), **report,
-                        "command": "python -m defectscope.training.decision_fit " + " ".join(argv or [])}
+                        "command": command_line("defectscope.training.decision_fit", argv)}
     set_metadata(proto, contract.pipeline, card)
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key != DECISION_KEY]
     del proto.metadata_props[:]

@@ -187,6 +187,15 @@ def _label_space(files, model_classes) -> tuple[list, bool]:
             return list(TWO_CLASSES), True
         raise
 
+def command_line(module: str, argv) -> str:
+    """The command that made a result file: ``python -m MODULE`` and its arguments (``sys.argv`` when a
+    ``main(argv=None)`` was run from the shell)."""
+    import shlex
+    import sys
+
+    return " ".join(["python -m " + module, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
+
+
 def write_json(result: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     from defectscope.model.predictor import Predictor
     from defectscope.model.registry import cross_check_for, resolve_model
     from defectscope.server.core import Classifier
-    from defectscope.training.evaluate import write_json
+    from defectscope.training.evaluate import command_line, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-kind", type=int, default=12)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     maps = {k: [make_map(k, i, args.seed) for i in range(args.per_kind)] for k in KINDS}
     inside = in_distribution(args.in_distribution, args.n_in) if args.in_distribution else []
-    result = {"command": "python -m defectscope.training.ood_set " + " ".join(argv if argv is not None else []),
+    result = {"command": command_line("defectscope.training.ood_set", argv),
               "per_kind": args.per_kind, "models": {}}
     for name in ("defectscope-3class", "defectscope-2class"):
         other = cross_check_for(name)
