@@ -168,8 +168,12 @@ def test_temperature_is_folded_into_the_exported_model(trained, dataset):
 def test_resume_continues_with_optimizer_state_and_matches_an_uninterrupted_run(tmp_path, dataset):
     cfg = dict(plateau_patience=1, stop_patience=0)  # the rate is lowered after epoch 2: state that must survive
     Run([dataset], tmp_path / "full", tiny_config(3, **cfg), **QUIET).execute()
-    Run([dataset], tmp_path / "cut", tiny_config(2, **cfg), **QUIET).execute()
-    Run([dataset], tmp_path / "cut", tiny_config(3, **cfg), resume=True, **QUIET).execute()
+    Run([dataset], tmp_path / "cut", tiny_config(2, **cfg), command="defectscope train --epochs 2 (first)", **QUIET).execute()
+    resumed = Run([dataset], tmp_path / "cut", tiny_config(3, **cfg), resume=True,
+                  command="defectscope train --resume --epochs 3", **QUIET).execute()
+    # the card says how the run started and how it was resumed (the resume line alone reproduces nothing)
+    assert resumed["card"]["training_command"] == "defectscope train --epochs 2 (first)"
+    assert resumed["card"]["resumed_with"] == "defectscope train --resume --epochs 3"
     full = load_model_compiled(tmp_path / "full/checkpoints/epoch-0003.keras")
     cut = load_model_compiled(tmp_path / "cut/checkpoints/epoch-0003.keras")
     assert int(cut.optimizer.iterations) == int(full.optimizer.iterations) > 0

@@ -361,7 +361,9 @@ class Run:
             "name": self.name, "version": self.model_version, "classes": list(self.classes), "created": utc_now(),
             "training_data": {"files": self._data_summary, "seed": cfg.seed, "maps_used": self._split_sizes},
             "test_metrics": test_metrics,
-            "training_command": self.command or getattr(self, "_saved_command", ""),
+            # A resumed run's card names the command that started it, and the one that resumed it.
+            "training_command": (getattr(self, "_saved_command", "") or self.command) if self.resume else self.command,
+            **({"resumed_with": self.command} if self.resume else {}),
             "changes_from_paper": changes_from_paper(cfg.architecture, augment=cfg.augment, classes=cfg.classes),
             "architecture": cfg.architecture,
             "training": {"config": cfg.to_dict(), "epochs_run": st.epoch, "best_epoch": st.best_epoch,
