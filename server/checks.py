@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
 from defectscope.model.decision import decide
 from defectscope.preprocessing.validate import make_warning
 
@@ -86,7 +87,6 @@ def check_models(predictor, other, staged, probabilities: np.ndarray, guarded) -
     staged.timings["cross_check"] = (time.perf_counter() - t0) * 1e3
 
 
-
 def check_ood(predictor, staged, ood) -> None:
     """Record each map's out-of-distribution score in its report and warn ``OUT_OF_DISTRIBUTION`` above the
     model's threshold: the map is unlike anything the model was trained on, whatever its probabilities say."""
@@ -102,14 +102,15 @@ def check_ood(predictor, staged, ood) -> None:
                 "the 99th percentile of held-out simulated maps): the answer is not reliable"))
 
 
-def decisions(predictor, probabilities: np.ndarray, ood, warnings: list, warnings_per: list, batch: bool) -> dict:
+def decisions(predictor, probabilities: np.ndarray, warnings: list, warnings_per: list, batch: bool) -> dict:
     """The reply's ``decision`` and ``verdict`` (lists for a batch) and ``decision_detail`` (``model.decision``)."""
     rule = predictor.decision
     common = [w["reason"] for w in warnings]
     made = [decide(predictor.classes, row, rule, common + [w["reason"] for w in warnings_per[i]])
             for i, row in enumerate(probabilities)]
     detail = {"calibrated": rule.calibrated, "risk": rule.risk, "threshold": rule.threshold,
-              "defective_threshold": rule.defective_threshold, "ood_threshold": rule.ood_threshold}
+              "defective_threshold": rule.defective_threshold, "ood_threshold": rule.ood_threshold,
+              "sampling_mean": rule.sampling_mean}
     if batch:
         return {"decision": [m["decision"] for m in made], "verdict": [m["verdict"] for m in made],
                 "decision_detail": {**detail, "reasons": [m["reasons"] for m in made]}}

@@ -336,7 +336,7 @@ class Classifier:
             "warnings": warnings + [w for ws in warnings_per for w in ws] if not batch
             else warnings + [dict(w, index=i) for i, ws in enumerate(warnings_per) for w in ws],
             "preparation": reports if batch else reports[0],
-            **decisions(self.predictor, probabilities, ood, warnings, warnings_per, batch),
+            **decisions(self.predictor, probabilities, warnings, warnings_per, batch),
         }
         frames = []
         if request.options.get("return_prepared"):
