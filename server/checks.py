@@ -68,12 +68,14 @@ def check_models(predictor, other, staged, probabilities: np.ndarray, guarded) -
     """Ask the cross-check model on the same prepared maps; say where the two disagree on whether the
     crystal is defective (P(defective) = 1 - P(defect_free) for either model)."""
     t0 = time.perf_counter()
-    answers = guarded(staged.request, lambda: other.predict(staged.prepared))
-    if other.decision.sampling_mean:  # the other model answers as it would when served: over the variants too
-        for i, (_, variants) in enumerate(staged.variants):
-            if variants is not None:
-                more = guarded(staged.request, lambda v=variants: other.predict(v))
-                answers[i] = (answers[i] + more.sum(axis=0)) / (1 + len(more))
+    if other.decision.sampling_mean and any(v is not None for _, v in staged.variants):
+        # The other model answers as it would when served, over the variants too: one call per map.
+        answers = np.stack([
+            guarded(staged.request, lambda x=np.concatenate([staged.prepared[i:i + 1], *([] if v is None else [v])]):
+                    other.predict(x)).mean(axis=0)
+            for i, (_, v) in enumerate(staged.variants)])
+    else:
+        answers = guarded(staged.request, lambda: other.predict(staged.prepared))
     for i, (mine, theirs) in enumerate(zip(probabilities, answers)):
         a, b = defective(predictor.classes, mine), defective(other.classes, theirs)
         staged.reports[i]["cross_check"] = {"model": other.describe(), "classes": list(other.classes),

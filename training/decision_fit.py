@@ -233,14 +233,7 @@ def main(argv=None) -> int:
         card["previous_version"], card["version"] = card["version"], args.version
     card["decision"] = {**json.loads(rule.to_json()), **report,
                         "command": command_line("defectscope.training.decision_fit", argv)}
-    set_metadata(proto, contract.pipeline, card)
-    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != DECISION_KEY]
-    del proto.metadata_props[:]
-    for key, value in kept:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = DECISION_KEY, rule.to_json()
+    set_metadata(proto, contract.pipeline, card, extra={DECISION_KEY: rule.to_json()})
     out = Path(args.out)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))

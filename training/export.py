@@ -59,9 +59,10 @@ def to_onnx(model, *, shape=(64, 64, 64), opset: int = DEFAULT_OPSET):
     return proto
 
 
-def set_metadata(proto, pipeline: PipelineConfig, card: dict) -> None:
-    """Write (or replace) the SPEC §3 metadata_props of a ModelProto."""
-    values = {PIPELINE_KEY: pipeline.to_json(), CARD_KEY: json.dumps(card, sort_keys=True)}
+def set_metadata(proto, pipeline: PipelineConfig, card: dict, extra: dict | None = None) -> None:
+    """Write (or replace) the SPEC §3 metadata_props of a ModelProto, and any ``extra`` keys (e.g. the decision
+    rule, ``model.decision``); other keys are kept."""
+    values = {PIPELINE_KEY: pipeline.to_json(), CARD_KEY: json.dumps(card, sort_keys=True), **(extra or {})}
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     for key, value in [*kept, *values.items()]:

@@ -35,14 +35,12 @@ def with_changes(model_path: Path, out: Path, *, target: float | None = None, sa
     proto = onnx.load(str(model_path))
     props = {p.key: p.value for p in proto.metadata_props}
     contract = parse_metadata(props, source=str(model_path))
-    set_metadata(proto, dataclasses.replace(contract.pipeline, oversampling_target=target), json.loads(props[CARD_KEY]))
     rule = dataclasses.replace(parse_decision(props), sampling_mean=sampling_mean)
-    for p in proto.metadata_props:
-        if p.key == DECISION_KEY:
-            p.value = rule.to_json()
-    if DECISION_KEY not in props and sampling_mean:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = DECISION_KEY, dataclasses.replace(rule, risk=0.0, threshold=0.0).to_json()
+    if not rule.calibrated:  # a model without a rule: one that decides nothing, for its sampling_mean alone
+        rule = dataclasses.replace(rule, risk=0.0, threshold=0.0)
+    extra = {DECISION_KEY: rule.to_json()} if DECISION_KEY in props or sampling_mean else None
+    set_metadata(proto, dataclasses.replace(contract.pipeline, oversampling_target=target),
+                 json.loads(props[CARD_KEY]), extra=extra)
     onnx.save(proto, str(out))
     return out
 
