@@ -17,7 +17,6 @@ Two paths, equal to ~1e-16 relative (tests demand <= 1e-6):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict, namedtuple
@@ -33,72 +32,9 @@ from defectscope.preprocessing.qspace import (  # noqa: F401 (re-exported: calle
     CanonicalFrame, Grid, QMap, _canonical, _frame_chunks, _qmap, _voxel_index, canonical_frame, natural_grid,
     pixel_q_lab,
 )
-from defectscope.preprocessing.validate import check_scan_size
+from defectscope.preprocessing.scan_input import _mask_array, _mask_key, _Scan
 
 BLOCK = 8  # voxels per edge of the coarse blocks whose sums locate the peak (finish_window)
-
-
-# Input checks (sizes before anything large is allocated) -----------------------------------------
-class _Scan:
-    """Frames given as a 3-D array or a list of 2-D arrays, checked against ``Limits``; never copied."""
-
-    def __init__(self, frames, limits: Limits):
-        if isinstance(frames, np.ndarray):
-            if frames.ndim != 3:
-                raise ShapeMismatch(f"frames must be [n_frames, rows, cols], got shape {frames.shape}")
-            self.n, self.shape, dtypes = frames.shape[0], frames.shape[1:], {frames.dtype.str}
-        elif isinstance(frames, Sequence) and not isinstance(frames, (str, bytes)):
-            if not all(isinstance(f, np.ndarray) for f in frames):
-                raise BadMessage("frames must be a numpy array or a list of 2-D numpy arrays")
-            shapes = {f.shape for f in frames}
-            if len(shapes) > 1 or any(len(s) != 2 for s in shapes):
-                raise ShapeMismatch(f"frames must all be 2-D of one shape, got shapes {sorted(shapes)[:4]}")
-            self.n, self.shape, dtypes = len(frames), (shapes.pop() if shapes else (0, 0)), {f.dtype.str for f in frames}
-        else:
-            raise BadMessage(f"frames must be a numpy array or a list of 2-D numpy arrays, got {type(frames).__name__}")
-        bad = sorted(dtypes - set(limits.allowed_dtypes))
-        if bad:
-            raise DtypeNotAllowed(f"frame dtype {bad[0]} not allowed (allowed: {list(limits.allowed_dtypes)})")
-        self.check_size(self.n, self.shape, limits)
-        self.frames = frames
-
-    @staticmethod
-    def check_size(n: int, shape, limits: Limits) -> None:
-        rows, cols = shape
-        if n < 2 or rows < 2 or cols < 2:
-            raise ShapeMismatch(f"a rocking scan needs >= 2 frames of >= 2x2 pixels, got {n} frames of {rows}x{cols}")
-        check_scan_size(n, rows, cols, limits)
-
-    def frame(self, i: int) -> np.ndarray:
-        return _checked_frame(self.frames[i], i)
-
-
-def _checked_frame(frame: np.ndarray, i: int) -> np.ndarray:
-    """The frame as float64, refusing NaN/inf (the gridder would silently drop NaN but not inf)."""
-    out = frame.astype(np.float64).ravel()
-    if frame.dtype.kind == "f" and not math.isfinite(out.sum()) and not np.isfinite(out).all():
-        raise NonFinite(f"frame {i} holds NaN or infinite values; mask those pixels instead")
-    return out
-
-
-def _mask_array(mask, n: int, shape) -> np.ndarray | None:
-    """Validated boolean mask (True = bad), 2-D (every frame) or 3-D; None when nothing is masked."""
-    if mask is None:
-        return None
-    mask = np.asarray(mask)
-    if mask.dtype != bool and mask.dtype.kind not in "iu":
-        raise DtypeNotAllowed(f"mask dtype {mask.dtype.str} not allowed (boolean or integer, nonzero = bad)")
-    if mask.shape not in (tuple(shape), (n, *shape)):
-        raise ShapeMismatch(f"mask shape {mask.shape} fits neither a frame {tuple(shape)} nor the scan {(n, *shape)}")
-    mask = mask.astype(bool, copy=False)
-    return mask if mask.any() else None
-
-
-def _mask_key(mask: np.ndarray | None):
-    if mask is None:
-        return None
-    digest = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16)
-    return (mask.shape, digest.hexdigest())
 
 
 def _bind(geometry, n: int, shape) -> Geometry:
@@ -383,7 +319,8 @@ class Orthonormaliser:
         return _qmap(volume, mapping.grid, mapping.frame)
 
     def finish_window(self, state: StreamState, extent: int | Sequence[int], *, allow_partial: bool = False,
-                      centre: Sequence[int] | None = None, close: bool = True) -> tuple[QMap, dict]:
+                      centre: Sequence[int] | None = None, close: bool = True,
+                      binning: Sequence[int] | None = None) -> tuple[QMap, dict]:
         """Like ``finish``, but only a box of ``extent`` voxels per axis around the peak is made.
 
         The box is centred on the brightest coarse block (``BLOCK``^3 voxels, sums kept up to date while
@@ -393,7 +330,10 @@ class Orthonormaliser:
         cut where the full map has it (clipped to the grid), so every voxel in it equals the voxel of
         ``finish``; the QMap's ``origin`` is that of the box. ``centre`` (voxel, full grid) overrides the
         peak, e.g. to re-cut a larger box around the same place (with ``close=False`` on the first cut, the
-        state stays open for that). Returns the map and where the box lies.
+        state stays open for that). ``binning`` (voxels per axis, e.g. (2, 1, 3)): the box is gridded at that
+        many times the voxel, ``extent`` being in those coarser voxels: each one is the sum over the pixels of
+        the fine voxels it holds over their count, which is what gridding at the coarser voxel gives
+        (``_binned``). Returns the map and where the box lies (in fine voxels).
         """
         mapping = state.mapping
         _check_open(state)
@@ -401,7 +341,11 @@ class Orthonormaliser:
             missing = np.flatnonzero(~state.received)
             raise ShapeMismatch(f"{len(missing)} of {len(state.received)} frames never arrived (first: {missing[0]})")
         shape = np.array(mapping.grid.shape)
-        extent = np.minimum(np.broadcast_to(np.asarray(extent, dtype=int), (3,)), shape)
+        step = np.ones(3, dtype=int) if binning is None else np.asarray(binning, dtype=int)
+        if step.shape != (3,) or np.any(step < 1):
+            raise BadMessage(f"binning must be three integers >= 1, got {binning!r}")
+        step = np.minimum(step, shape)
+        extent = np.minimum(np.broadcast_to(np.asarray(extent, dtype=int), (3,)) * step, shape // step * step)
         if centre is None:
             if state.block_total is None:  # not kept while adding (accumulate(blocks=False)): made now
                 state.block_total = np.bincount(mapping.block_of_rank, weights=state.total,
@@ -412,16 +356,20 @@ class Orthonormaliser:
         ranks = mapping.rank_grid[box]
         inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
         # np.take: a third of the time of fancy indexing with these int32 ranks; the spare bin's inverse is 0.
-        volume = np.take(state.total, ranks) * np.take(inverse, ranks)
-        if not state.total[mapping.spare] >= 0:  # voxels no pixel reaches are 0, never -0.0 (or NaN)
-            volume[ranks == mapping.spare] = 0.0
+        if np.any(step > 1):
+            volume = _binned(np.take(state.total, ranks), np.take(inverse, ranks), step)
+        else:
+            volume = np.take(state.total, ranks) * np.take(inverse, ranks)
+            if not state.total[mapping.spare] >= 0:  # voxels no pixel reaches are 0, never -0.0 (or NaN)
+                volume[ranks == mapping.spare] = 0.0
         if close:
             state.total = np.empty(0)  # the state is spent
-        qmap = QMap(volume=volume, voxel_size=mapping.grid.steps.copy(),
-                    origin=np.asarray(mapping.grid.origin) + lo * mapping.grid.steps,
+        qmap = QMap(volume=volume, voxel_size=mapping.grid.steps * step,
+                    origin=np.asarray(mapping.grid.origin) + (lo + 0.5 * (step - 1)) * mapping.grid.steps,
                     rotation=mapping.frame.rotation.copy(), q_centre_lab=mapping.frame.q_centre_lab.copy())
-        return qmap, {"grid_shape": shape.tolist(), "window_origin": lo.tolist(), "window_shape": extent.tolist(),
-                      "window_centre": [int(c) for c in centre]}
+        where = {"grid_shape": shape.tolist(), "window_origin": lo.tolist(), "window_shape": extent.tolist(),
+                 "window_centre": [int(c) for c in centre]}
+        return qmap, where if binning is None else {**where, "binning": step.tolist()}
 
     def _inverse(self, state: StreamState) -> np.ndarray:
         cached = state.mapping.inverse_counts
@@ -436,6 +384,16 @@ class Orthonormaliser:
             while len(cached) > 3:  # no mask and the last two masks
                 cached.popitem(last=False)
         return inverse
+
+
+def _binned(sums: np.ndarray, inverse: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Fine voxels' sums and 1/counts (0: no pixel) -> the coarse voxels of ``step`` fine ones per axis."""
+    counts = np.zeros_like(inverse)
+    np.rint(np.divide(1.0, inverse, out=counts, where=inverse > 0), out=counts)  # exact below 2**52 pixels
+    sums = np.where(counts > 0, sums, 0.0)  # the spare bin's sum (pixels outside the grid) is not data
+    split = [v for n, k in zip(sums.shape, step) for v in (n // k, k)]
+    sums, counts = (a.reshape(split).sum(axis=(1, 3, 5)) for a in (sums, counts))
+    return np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
 
 
 def orthonormalise(frames, geometry, *, mask=None, grid: Grid | None = None) -> QMap:

@@ -27,7 +27,8 @@ from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
 from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
-from defectscope.preprocessing.pipeline import Preparation, prepare_each, sampling_targets, source_extent
+from defectscope.preprocessing.pipeline import Preparation, prepare_each
+from defectscope.preprocessing.scan_prepare import prepare_scan
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
 from defectscope.server.checks import DISAGREEMENT, check_models, check_ood, check_sampling, decisions  # noqa: F401
@@ -386,33 +387,9 @@ class Classifier:
         return qmap.volume[np.newaxis], kw, [], ms
 
     def _prepare_scan(self, volume, kw):
-        """prepare() a scan's box; if the resampling needs data beyond the box, re-cut it larger around the
-        same centre and prepare again, so the result is that of the whole grid."""
         state, where = kw.pop("scan")
-        config = self.predictor.pipeline
-
-        def prepared(vol):
-            preparation = Preparation(vol, config, limits=self.limits, **kw)
-            per_axis, overall = preparation.estimate()
-            return preparation, preparation.finish(per_axis, overall), per_axis
-
-        try:
-            preparation, p, per_axis = prepared(volume)
-            # The smallest factor the map is resampled by: its own, or a sampling-check variant's.
-            targets = sampling_targets(config) if self.sampling_check else ()
-            factors = [p.report["resample_factor"], *(t / np.asarray(per_axis) for t in targets)]
-            needed = source_extent(config.shape, np.min(factors, axis=0))
-            box, grid = np.array(where["window_shape"]), np.array(where["grid_shape"])
-            if np.any((needed > box) & (box < grid)):
-                qmap, where = self.orthonormaliser.finish_window(
-                    state, np.maximum(box, needed).astype(int), centre=where["window_centre"], close=False)
-                preparation, p, per_axis = prepared(qmap.volume)
-            if self.sampling_check:  # made once, from the box the map was finally prepared from
-                p.variant_oversampling, p.variants = preparation.sampling_variants(per_axis)
-        finally:
-            state.total = np.empty(0)  # the sums are spent
-        p.report["scan_window"] = where
-        return p
+        return prepare_scan(self.orthonormaliser, state, where, volume, kw, self.predictor.pipeline,
+                            limits=self.limits, sampling_check=self.sampling_check)
 
     def load_file(self, request: Request) -> None:
         """Read a ``file`` request's data into the request (``array``; ``mask`` too for a scan), once: what

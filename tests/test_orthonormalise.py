@@ -328,3 +328,34 @@ def test_window_ignores_a_hot_pixel_and_is_clipped_to_the_grid(synthetic):
     qmap, where = ortho.finish_window(ortho.accumulate(frames, geometry), 10_000)
     np.testing.assert_array_equal(qmap.volume, ortho(frames, geometry).volume)
     assert where["window_origin"] == [0, 0, 0]
+
+
+def test_binned_window_is_gridding_at_the_coarser_voxel(synthetic):
+    """finish_window(binning=k) grids the box at k voxels per axis: the same map as xrayutilities' Gridder3D
+    run on a grid of twice the voxel (whose bins hold whole fine bins), with a masked pixel too; not the mean of
+    the fine voxels, which would weight a voxel of few pixels like one of many."""
+    geometry, frames, _ = synthetic
+    ortho = Orthonormaliser()
+    fine = natural_grid(geometry)
+    mask = np.zeros(frames.shape[1:], dtype=bool)
+    mask[20:22, 30] = True
+    _, near_peak = ortho.finish_window(ortho.accumulate(frames, geometry, mask=mask), 10, binning=(2, 2, 2))
+    centre = np.array(near_peak["window_centre"]) // 2 * 2  # the box then starts on an even voxel: whole coarse bins
+    qmap, where = ortho.finish_window(ortho.accumulate(frames, geometry, mask=mask), 10, binning=(2, 2, 2),
+                                      centre=centre)
+    lo = np.array(where["window_origin"])
+    assert qmap.volume.shape == (10, 10, 10) and where["binning"] == [2, 2, 2] and where["window_shape"] == [20] * 3
+    assert np.all(lo % 2 == 0)
+    d = fine.voxel_size
+    coarse = Grid(shape=tuple(n // 2 for n in fine.shape), origin=tuple(o + 0.5 * d for o in fine.origin), voxel_size=2 * d)
+    ref = orthonormalise_reference(frames, geometry, mask=mask, grid=coarse)
+    box = ref.volume[tuple(slice(a // 2, a // 2 + 10) for a in lo)]
+    assert np.count_nonzero(box) > 500
+    np.testing.assert_allclose(qmap.volume, box, rtol=1e-12, atol=1e-12 * box.max())
+    np.testing.assert_allclose(qmap.q_at((0, 0, 0)), ref.q_at(lo // 2), rtol=0, atol=1e-12)
+    whole = ortho(frames, geometry, mask=mask).volume[tuple(slice(a, a + 20) for a in lo)]
+    mean_of_fine = whole.reshape(10, 2, 10, 2, 10, 2).mean(axis=(1, 3, 5))
+    assert np.abs(qmap.volume - mean_of_fine).max() > 1e-3 * qmap.volume.max()
+    np.testing.assert_allclose(qmap.volume.sum() * 8, whole.sum(), rtol=0.2)  # same map, 8x fewer voxels
+    with pytest.raises(BadMessage, match="binning"):
+        ortho.finish_window(ortho.accumulate(frames, geometry), 10, binning=(2, 0, 1))
