@@ -79,8 +79,10 @@ def fitted(tmp_path_factory):
     cfg = SimulationConfig(orientations_per_configuration=4)
     fit_data = simulate_dataset(24, tmp / "fit.h5", cfg, seed=3, workers=1, progress=False)
     cal_data = simulate_dataset(24, tmp / "cal.h5", cfg, seed=4, workers=1, progress=False)
+    cal_more = simulate_dataset(8, tmp / "cal2.h5", cfg, seed=5, workers=1, progress=False)
     out = tmp / "small-decided.onnx"
-    decision_fit.main([str(model), "--fit", str(fit_data), "--calibrate", str(cal_data), "--out", str(out),
+    decision_fit.main([str(model), "--fit", str(fit_data), "--calibrate", str(cal_data), "--calibrate", str(cal_more),
+                       "--out", str(out),
                        "--version", "fixture-2", "--risk", "0.5", "--max-answer-risk", "0.9", "--report", str(tmp / "report.json")])
     return out, json.loads((tmp / "report.json").read_text())
 
@@ -94,6 +96,9 @@ def test_fit_writes_a_servable_model_with_its_rule(fitted):
     assert rule.calibrated and rule.risk == 0.5 and rule.ood_threshold > 0 and predictor.has_ood
     assert predictor.card["version"] == "fixture-2" and predictor.card["previous_version"] == "fixture-1"
     assert report["rule"] == json.loads(rule.to_json())
+    # Two --calibrate files: the thresholds are fitted on both together, and both are named.
+    assert len(rule.fitted_on["thresholds"]) == 2 and isinstance(rule.fitted_on["ood_gaussian"], str)
+    assert rule.fitted_on["n_calibrate"] > rule.fitted_on["n_fit"]
     x = np.random.default_rng(0).random((3, 64, 64, 64)).astype(np.float32)
     probabilities, ood = predictor.run(x)
     assert ood.shape == (3,) and np.all(np.isfinite(ood)) and np.all(ood >= 0)

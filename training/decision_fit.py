@@ -63,10 +63,13 @@ def with_features(proto):
     return copy, name
 
 
-def prepared_features(proto, pipeline, data: str, sampling_mean: bool = False):
-    """(features, probabilities, labels) of every map of ``data`` prepared by ``pipeline`` (refused maps left
-    out). Features are the map's own; with ``sampling_mean`` the probabilities are the mean over the map and
-    its sampling-check variants, as the server answers (``model.decision``)."""
+def prepared_features(proto, pipeline, data, sampling_mean: bool = False):
+    """(features, probabilities, labels) of every map of ``data`` (one file or several) prepared by ``pipeline``
+    (refused maps left out). Features are the map's own; with ``sampling_mean`` the probabilities are the mean
+    over the map and its sampling-check variants, as the server answers (``model.decision``)."""
+    if not isinstance(data, (str, Path)):
+        parts = [prepared_features(proto, pipeline, d, sampling_mean) for d in data]
+        return tuple(np.concatenate(a) for a in zip(*parts))
     import onnxruntime as ort
 
     from defectscope.errors import DefectscopeError
@@ -155,6 +158,10 @@ def _scores(classes, probs, labels) -> dict:
     return out
 
 
+def _names(data) -> str | list[str]:
+    return str(data) if isinstance(data, (str, Path)) else [str(d) for d in data] if len(data) > 1 else str(data[0])
+
+
 def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1, sampling_mean: bool = True):
     """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
     import onnx
@@ -178,7 +185,7 @@ def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: floa
     rule = DecisionRule(risk=risk, threshold=round(threshold, 6), sampling_mean=sampling_mean,
                         defective_threshold=None if defective[0] is None else round(defective[0], 6),
                         ood_threshold=round(float(np.percentile(ood_cal, OOD_PERCENTILE)), 4),
-                        fitted_on={"ood_gaussian": str(fit_data), "thresholds": str(calibrate_data),
+                        fitted_on={"ood_gaussian": _names(fit_data), "thresholds": _names(calibrate_data),
                                    "n_fit": len(l_fit), "n_calibrate": len(l_cal),
                                    "ood_percentile": OOD_PERCENTILE, "shrinkage": SHRINKAGE,
                                    "max_answer_risk": max_answer_risk})
@@ -215,9 +222,11 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--fit", required=True, help="training-distribution maps for the OOD Gaussian")
-    parser.add_argument("--calibrate", required=True, help="held-out maps for the thresholds")
-    parser.add_argument("--test", default=None, help="other held-out maps to report on")
+    parser.add_argument("--fit", required=True, action="append",
+                        help="training-distribution maps for the OOD Gaussian (repeat to combine files)")
+    parser.add_argument("--calibrate", required=True, action="append",
+                        help="held-out maps for the thresholds (repeat to combine files)")
+    parser.add_argument("--test", default=None, action="append", help="other held-out maps to report on (repeatable)")
     parser.add_argument("--risk", type=float, default=0.02)
     parser.add_argument("--max-answer-risk", type=float, default=0.1)
     parser.add_argument("--native", action="store_true",
@@ -240,7 +249,7 @@ def main(argv=None) -> int:
     card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     result = {"model": str(out), "schema_version": SCHEMA_VERSION, "rule": json.loads(rule.to_json()), **report}
     if args.test:
-        result["test"] = check(out, args.test, rule)
+        result["test"] = check(out, args.test[0], rule) if len(args.test) == 1 else [check(out, t, rule) for t in args.test]
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(result, indent=1) + "\n")
