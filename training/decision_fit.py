@@ -3,6 +3,9 @@
     python -m defectscope.training.decision_fit MODEL.onnx --fit FIT.h5 --calibrate CAL.h5 --out NEW.onnx
         [--risk 0.02] [--version V] [--report docs/eval/decision_<name>.json]
 
+``--fit``, ``--calibrate`` and ``--test`` may each be given several times: a model trained on a mix of data is
+fitted and calibrated on the same mix (the maps of all the files together).
+
 - Out-of-distribution score: the Mahalanobis distance of the network's penultimate features (the input of its
   last dense layer) to the nearest class mean, with one covariance shared by the classes (shrunk towards its
   mean variance), fitted on the prepared maps of ``--fit`` (training-distribution data). The computation is
