@@ -52,7 +52,7 @@ def prepare_scan(orthonormaliser, state, where: dict, volume, kw: dict, config: 
     try:
         where_now, binning = where, np.ones(3, dtype=int)
         preparation, p, per_axis = prepared(volume, kw)
-        if np.any(binning_for(p.report) > 1):  # grid this axis at a coarser voxel instead of resampling finely
+        if np.any(binning_for(p.report) > 1):  # grid the box at a coarser voxel instead of resampling it finely
             binning = binning_for(p.report)
             qmap, where_now, kw = recut(np.array(where["window_shape"]) // binning, binning)
             preparation, p, per_axis = prepared(qmap.volume, kw)
