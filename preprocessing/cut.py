@@ -12,6 +12,7 @@ counts never empty 50 voxels next to a plane that bright, and simulated intensit
 from __future__ import annotations
 
 import numpy as np
+
 from defectscope.preprocessing.validate import make_warning
 
 REACH = 6

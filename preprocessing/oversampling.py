@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.fft as sfft
+
 from defectscope.preprocessing.config import PipelineConfig
 from defectscope.preprocessing.frames import zoom_linear
 from defectscope.preprocessing.validate import make_warning

@@ -27,37 +27,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
 from defectscope.preprocessing.centring import (
-    CentredWindow,
-    centre_of_mass,
-    centre_of_mass_shift,
-    crop_pad,
-    find_peak,
-    isolated_voxels,
+    CentredWindow, centre_of_mass, centre_of_mass_shift, crop_pad, find_peak, isolated_voxels,
 )
 from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.cut import cut_warning
 from defectscope.preprocessing.frames import CANONICAL_AXES, plan_canonical
 from defectscope.preprocessing.intensity import apply_intensity
 from defectscope.preprocessing.oversampling import (
-    crystal_extent_nm,
-    estimate_oversampling,
-    oversampling_warning,
-    resample,
-    resample_factors,
-    undetermined_warning,
+    crystal_extent_nm, estimate_oversampling, oversampling_warning, resample, resample_factors, undetermined_warning,
 )
 from defectscope.preprocessing.source import CanonicalSource
 from defectscope.preprocessing.validate import (
-    amplitude_to_intensity,
-    check_declared,
-    check_intensity,
-    check_range,
-    check_values,
-    make_warning,
+    amplitude_to_intensity, check_declared, check_intensity, check_range, check_values, make_warning,
 )
-
-from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
 
 WARNING_REASONS = (
     "NEGATIVE_CLIPPED", "HIGH_MASKED_FRACTION", "LOW_COUNTS", "PEAK_NEAR_EDGE", "ISOLATED_VOXELS_SUPPRESSED",

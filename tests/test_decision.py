@@ -5,14 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from defectscope.model.decision import (
-    DECISION_KEY,
-    DecisionRule,
-    decide,
-    parse_decision,
-)
 
 from defectscope.errors import ModelUnavailable
+from defectscope.model.decision import DECISION_KEY, DecisionRule, decide, parse_decision
 
 onnx = pytest.importorskip("onnx")
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from defectscope.training.ood_set import KINDS, auc, loop_displacement, make_map
 
 

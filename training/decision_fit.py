@@ -30,12 +30,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from defectscope.model.decision import (
-    DECISION_KEY,
-    OOD_OUTPUT,
-    SCHEMA_VERSION,
-    DecisionRule,
-)
+
+from defectscope.model.decision import DECISION_KEY, OOD_OUTPUT, SCHEMA_VERSION, DecisionRule
 from defectscope.training.eval_metrics import risk_coverage
 
 SHRINKAGE = 0.1
@@ -168,6 +164,7 @@ def _names(data) -> str | list[str]:
 def fit(model_path, fit_data, calibrate_data, risk: float, max_answer_risk: float = 0.1, sampling_mean: bool = True):
     """(the new ONNX proto, the rule, a report of the fit) for one model (module docstring)."""
     import onnx
+
     from defectscope.model.metadata import parse_metadata
 
     proto = onnx.load(str(model_path))
@@ -203,6 +200,7 @@ def check(path, data, rule: DecisionRule) -> dict:
     """The written model on other held-out data: risk-coverage, the confident answers' error and coverage, the
     share flagged out of distribution, and that its in-graph OOD score is finite."""
     import onnx
+
     from defectscope.model.predictor import Predictor
 
     proto = onnx.load(str(path))
@@ -220,6 +218,7 @@ def check(path, data, rule: DecisionRule) -> dict:
 
 def main(argv=None) -> int:
     import onnx
+
     from defectscope.training.evaluate import command_line
     from defectscope.training.export import card_path, set_metadata
 

@@ -95,17 +95,9 @@ def displacement(kind: str, built, rng: np.random.Generator) -> np.ndarray:
 def make_map(kind: str, index: int, seed: int) -> np.ndarray:
     """One map of ``kind`` (float32 counts, 64^3, canonical frame)."""
     from defectscope.training import sampling
-    from defectscope.training.diffraction import (
-        NufftAmplitude,
-        intensity,
-        scattering_atoms,
-    )
+    from defectscope.training.diffraction import NufftAmplitude, intensity, scattering_atoms
     from defectscope.training.sim_config import SimulationConfig
-    from defectscope.training.simulator import (
-        build_configuration,
-        orientation_grid,
-        plan_configuration,
-    )
+    from defectscope.training.simulator import build_configuration, orientation_grid, plan_configuration
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(KINDS.index(kind), index)))
     if kind == "noise":

@@ -18,12 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from defectscope.preprocessing.config import PipelineConfig
-from defectscope.preprocessing.oversampling import (
-    autocorrelation_oversampling,
-    central_peak_width,
-    crystal_extent_nm,
-)
+from defectscope.preprocessing.oversampling import autocorrelation_oversampling, central_peak_width, crystal_extent_nm
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "eval" / "sampling_estimators.json"

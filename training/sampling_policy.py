@@ -28,6 +28,7 @@ def with_changes(model_path: Path, out: Path, *, target: float | None = None, sa
     """A copy of an ONNX model with ``oversampling_target = target`` in its pipeline and its decision rule's
     ``sampling_mean`` set (card and thresholds unchanged)."""
     import onnx
+
     from defectscope.model.decision import DECISION_KEY, parse_decision
     from defectscope.model.metadata import CARD_KEY, parse_metadata
     from defectscope.training.export import set_metadata
