@@ -104,7 +104,7 @@ def _peak_candidates(volume: np.ndarray) -> list[tuple[int, int, int]]:
     count = min(N_BLOCK_CANDIDATES, flat.size)
     top = np.argpartition(flat, flat.size - count)[flat.size - count:]
     top = top[np.lexsort((top, -flat[top]))]  # brightest first, ties by position: deterministic
-    candidates = [_argmax_in(volume, [i * _BLOCK for i in np.unravel_index(int(j), maxima.shape)], _BLOCK) for j in top]
+    candidates = _block_argmaxima(volume, np.unravel_index(top, maxima.shape))
     if min(maxima.shape) >= 2:
         # Where 2x2x2 neighbouring blocks all have a high maximum: never around an isolated hot voxel,
         # a hot line or plane, so the real peak is a candidate even when more hot voxels than blocks
@@ -126,6 +126,18 @@ def _cube_minimum(a: np.ndarray) -> np.ndarray:
     m = np.minimum(a[1:], a[:-1])
     m = np.minimum(m[:, 1:], m[:, :-1])
     return np.minimum(m[:, :, 1:], m[:, :, :-1])
+
+
+def _block_argmaxima(volume: np.ndarray, blocks) -> list[tuple[int, int, int]]:
+    """``_argmax_in`` of each of the _BLOCK^3 blocks at block coordinates ``blocks`` (three index arrays),
+    in one gather. Blocks reaching past a far face read that face's last voxels again: a repeated voxel
+    comes after its original in C order, so ``argmax`` (first maximum) picks what the cut block would."""
+    offsets = np.arange(_BLOCK)
+    index = [np.minimum(np.asarray(b)[:, None] * _BLOCK + offsets, n - 1) for b, n in zip(blocks, volume.shape)]
+    sub = volume[index[0][:, :, None, None], index[1][:, None, :, None], index[2][:, None, None, :]]
+    local = np.unravel_index(sub.reshape(len(index[0]), -1).argmax(axis=1), sub.shape[1:])
+    rows = np.arange(len(index[0]))
+    return list(zip(*(index[k][rows, local[k]].tolist() for k in range(3))))
 
 
 def _argmax_in(volume: np.ndarray, lo: Sequence[int], size: int) -> tuple[int, int, int]:
@@ -165,7 +177,9 @@ def _neighbourhood_medians(volume: np.ndarray, points: Sequence[Sequence[int]], 
     r = np.arange(-(size // 2), size // 2 + 1)
     offsets = np.stack(np.meshgrid(r, r, r, indexing="ij"), axis=-1).reshape(-1, 3)
     idx = np.clip(np.asarray(points, dtype=np.intp)[:, None, :] + offsets[None], 0, np.asarray(volume.shape) - 1)
-    return np.median(volume[idx[..., 0], idx[..., 1], idx[..., 2]], axis=1)
+    values = volume[idx[..., 0], idx[..., 1], idx[..., 2]]
+    middle = size**3 // 2  # an odd count: the median is the middle element (as ``_median_filtered``)
+    return np.partition(values, middle, axis=1)[:, middle].astype(np.float64)
 
 
 def _median_filtered(volume: np.ndarray, lo: Sequence[int], hi: Sequence[int], size: int) -> np.ndarray:
@@ -191,23 +205,22 @@ def isolated_voxels(volume: np.ndarray, floor: float, ratio: float) -> tuple[np.
     ``volume`` are not judged (a neighbour is missing).
     """
     n = volume.shape
-    flat = np.ascontiguousarray(volume).reshape(-1)
     # An isolated voxel exceeds ratio x max(neighbours, 1) >= ratio, so only voxels above both bounds
-    # are examined: one comparison pass, then gathers over a few thousand voxels at most (flat indices and
-    # integer arithmetic: few numpy calls, as these arrays are small).
-    index = np.flatnonzero(flat > max(floor, ratio))
-    plane = n[1] * n[2]
-    i0, rest = np.divmod(index, plane)
+    # are examined: one comparison pass (on a view too: no copy of a window cut from a larger map), then
+    # gathers over a few thousand voxels at most (few numpy calls, as these arrays are small).
+    index = np.flatnonzero(volume > max(floor, ratio))
+    i0, rest = np.divmod(index, n[1] * n[2])
     i1, i2 = np.divmod(rest, n[2])
     inner = (i0 > 0) & (i0 < n[0] - 1) & (i1 > 0) & (i1 < n[1] - 1) & (i2 > 0) & (i2 < n[2] - 1)
-    index = index[inner]
-    if index.size == 0:
+    i0, i1, i2 = i0[inner], i1[inner], i2[inner]
+    if i0.size == 0:
         return np.zeros((0, 3), dtype=np.intp), np.zeros(0, volume.dtype)
-    brightest = np.maximum.reduce([flat[index + d] for d in (plane, -plane, n[2], -n[2], 1, -1)])
+    brightest = np.maximum.reduce([volume[i0 + 1, i1, i2], volume[i0 - 1, i1, i2], volume[i0, i1 + 1, i2],
+                                   volume[i0, i1 - 1, i2], volume[i0, i1, i2 + 1], volume[i0, i1, i2 - 1]])
     # Neighbours under one count count as one: at low counts a few photons next to empty voxels are
     # ordinary Poisson noise, while a hot pixel stands ``ratio`` counts above nothing.
-    isolated = flat[index] > ratio * np.maximum(brightest, 1)
-    coords = np.stack([i0[inner][isolated], i1[inner][isolated], i2[inner][isolated]], axis=1)
+    isolated = volume[i0, i1, i2] > ratio * np.maximum(brightest, 1)
+    coords = np.stack([i0[isolated], i1[isolated], i2[isolated]], axis=1)
     return coords, brightest[isolated]
 
 
@@ -226,6 +239,15 @@ def centre_of_mass(volume: np.ndarray) -> np.ndarray:
         plane.sum(axis=1) @ np.arange(volume.shape[1]) / total,
         plane.sum(axis=0) @ np.arange(volume.shape[2]) / total,
     ])
+
+
+def window_of(volume: np.ndarray, centre: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """``crop_pad``, but a view of ``volume`` when the window lies inside it (no copy): writing into the
+    window then writes into ``volume``."""
+    start = [int(centre[k]) - shape[k] // 2 for k in range(3)]
+    if all(0 <= a and a + m <= n for a, m, n in zip(start, shape, volume.shape)):
+        return volume[start[0]:start[0] + shape[0], start[1]:start[1] + shape[1], start[2]:start[2] + shape[2]]
+    return crop_pad(volume, centre, shape)
 
 
 def crop_pad(volume: np.ndarray, centre: Sequence[int], shape: Sequence[int]) -> np.ndarray:

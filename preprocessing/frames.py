@@ -19,6 +19,7 @@ Conventions (SPEC §2):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -221,7 +222,10 @@ def _plan_rotation(axes, q_direction, info: dict) -> tuple[np.ndarray, np.ndarra
     None. Records ``axes_in``, ``rotation`` (and ``rotation_angle_deg`` with a ``q_direction``) in ``info``."""
     if q_direction is None:
         axes = check_axes(axes, need_canonical=True)
-        rotation = np.eye(3)[[axes.index(name) for name in CANONICAL_AXES]]  # row k: source of output axis k
+        info["axes_in"] = list(axes)
+        rotation, listed = _axes_rotation(axes)
+        info["rotation"] = [list(row) for row in listed]
+        return rotation, rotation
     else:
         axes = check_axes(axes, need_canonical=False)
         rotation = minimal_rotation(q_direction)
@@ -234,6 +238,15 @@ def _plan_rotation(axes, q_direction, info: dict) -> tuple[np.ndarray, np.ndarra
         rotation = exact
     info["rotation"] = rotation.round(12).tolist()
     return rotation, exact
+
+
+@functools.lru_cache(maxsize=8)
+def _axes_rotation(axes: tuple[str, str, str]) -> tuple[np.ndarray, tuple]:
+    """The signed permutation (a plain one) of a map whose axes are ``axes``, read-only, and as nested
+    tuples for ``info``; the same for every map sent with these axes, so worked out once."""
+    rotation = np.eye(3)[[axes.index(name) for name in CANONICAL_AXES]]  # row k: source of output axis k
+    rotation.setflags(write=False)
+    return rotation, tuple(tuple(row) for row in rotation.round(12).tolist())
 
 
 def _plan_voxels(voxel_size, in_shape: tuple[int, ...], rotation: np.ndarray, exact,

@@ -320,7 +320,7 @@ class Orthonormaliser:
 
     def finish_window(self, state: StreamState, extent: int | Sequence[int], *, allow_partial: bool = False,
                       centre: Sequence[int] | None = None, close: bool = True,
-                      binning: Sequence[int] | None = None) -> tuple[QMap, dict]:
+                      binning: Sequence[int] | None = None, dtype=np.float64) -> tuple[QMap, dict]:
         """Like ``finish``, but only a box of ``extent`` voxels per axis around the peak is made.
 
         The box is centred on the brightest coarse block (``BLOCK``^3 voxels, sums kept up to date while
@@ -333,7 +333,8 @@ class Orthonormaliser:
         state stays open for that). ``binning`` (voxels per axis, e.g. (2, 1, 3)): the box is gridded at that
         many times the voxel, ``extent`` being in those coarser voxels: each one is the sum over the pixels of
         the fine voxels it holds over their count, which is what gridding at the coarser voxel gives
-        (``_binned``). Returns the map and where the box lies (in fine voxels).
+        (``_binned``). ``dtype``: of the map (float32: rounded once from the float64 sums, as a cast of the
+        float64 map would be). Returns the map and where the box lies (in fine voxels).
         """
         mapping = state.mapping
         _check_open(state)
@@ -355,11 +356,10 @@ class Orthonormaliser:
         box = tuple(slice(a, a + n) for a, n in zip(lo, extent))
         ranks = mapping.rank_grid[box]
         inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
-        # np.take: a third of the time of fancy indexing with these int32 ranks; the spare bin's inverse is 0.
         if np.any(step > 1):
-            volume = _binned(np.take(state.total, ranks), np.take(inverse, ranks), step)
+            volume = _binned(np.take(state.total, ranks), np.take(inverse, ranks), step).astype(dtype, copy=False)
         else:
-            volume = np.take(state.total, ranks) * np.take(inverse, ranks)
+            volume = _gather_mean(state.total, inverse, ranks, dtype)
             if not state.total[mapping.spare] >= 0:  # voxels no pixel reaches are 0, never -0.0 (or NaN)
                 volume[ranks == mapping.spare] = 0.0
         if close:
@@ -384,6 +384,25 @@ class Orthonormaliser:
             while len(cached) > 3:  # no mask and the last two masks
                 cached.popitem(last=False)
         return inverse
+
+
+# Planes of a box gathered at a time by ``_gather_mean``: temporaries that stay in cache.
+_GATHER_VOXELS = 1 << 15
+
+
+def _gather_mean(total: np.ndarray, inverse: np.ndarray, ranks: np.ndarray, dtype) -> np.ndarray:
+    """``total[ranks] * inverse[ranks]`` as ``dtype`` (rounded once from float64), a few planes at a time:
+    whole-box float64 temporaries would cost more in first-touch page faults than the gather itself, and
+    np.take converts int32 indices element by element (three times the gather), so each slab's are made
+    native-width first."""
+    out = np.empty(ranks.shape, dtype=dtype)
+    planes = max(1, _GATHER_VOXELS // max(1, ranks[0].size))
+    for i in range(0, ranks.shape[0], planes):
+        index = ranks[i:i + planes].astype(np.intp)
+        values = np.take(total, index)
+        values *= np.take(inverse, index)
+        out[i:i + planes] = values
+    return out
 
 
 def _binned(sums: np.ndarray, inverse: np.ndarray, step: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from defectscope.errors import DefectscopeError, LowSignal, ShapeMismatch
 from defectscope.preprocessing.centring import (
-    CentredWindow, centre_of_mass, centre_of_mass_shift, crop_pad, find_peak, isolated_voxels,
+    CentredWindow, centre_of_mass, centre_of_mass_shift, find_peak, isolated_voxels, window_of,
 )
 from defectscope.preprocessing.config import Limits, PipelineConfig
 from defectscope.preprocessing.cut import cut_warning
@@ -166,7 +166,9 @@ class Preparation:
         warnings += _peak_warnings(peak_index, peak.counts, source.plan.out_shape, config,
                                    counts_known=intensity == "counts")
 
-        window = crop_pad(source.array, peak.index, shape)  # a copy: nothing below writes into it
+        # A view of the source where the window lies inside it: the hot voxels suppressed in the window
+        # are then suppressed in the source too (``_suppress_isolated`` writes both).
+        window = window_of(source.array, peak.index, shape)
         isolated = _suppress_isolated(source, window, peak_index, peak.counts, config)
         if isolated:
             warnings.append(isolated)

@@ -46,7 +46,8 @@ def prepare_scan(orthonormaliser, state, where: dict, volume, kw: dict, config: 
 
     def recut(extent, binning):
         qmap, where = orthonormaliser.finish_window(state, np.asarray(extent).astype(int), centre=where_now["window_centre"],
-                                                    close=False, binning=None if np.all(binning == 1) else binning)
+                                                    close=False, binning=None if np.all(binning == 1) else binning,
+                                                    dtype=np.float32)
         return qmap, where, {**kw, "voxel_size": [float(v) for v in qmap.voxel_size]}
 
     try:

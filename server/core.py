@@ -380,7 +380,7 @@ class Classifier:
         around the peak is made (the prepared map is the one of the whole grid, see ``_prepare_scan``).
         ``intensity``: of the frames as sent (an amplitude scan's frames were squared before gridding)."""
         t0 = time.perf_counter()
-        qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False)
+        qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False, dtype=np.float32)
         ms = gridding_ms + (time.perf_counter() - t0) * 1e3
         kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size],
                   intensity="relative" if intensity == "amplitude" else intensity, scan=(state, where))

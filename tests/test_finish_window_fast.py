@@ -34,3 +34,19 @@ def test_inverse_counts_end_with_the_spare_bin():
     inverse = ortho._inverse(state)
     assert inverse.shape == (state.mapping.spare + 1,) and inverse[-1] == 0
     np.testing.assert_array_equal(inverse[:-1], 1.0 / state.mapping.counts)
+
+
+def test_box_in_slabs_and_as_float32_is_the_float64_box_rounded_once(monkeypatch):
+    from defectscope.preprocessing import orthonormalise
+
+    geometry, frames, _ = make_synthetic()
+    ortho = Orthonormaliser()
+    whole = ortho(frames, geometry)
+    state = ortho.accumulate(frames, geometry)
+    monkeypatch.setattr(orthonormalise, "_GATHER_VOXELS", 50)  # many slabs, the last one short
+    qmap, where = ortho.finish_window(state, 15, close=False)
+    single = ortho.finish_window(state, 15, close=False, dtype=np.float32)[0].volume
+    box = whole.volume[tuple(slice(a, a + 15) for a in where["window_origin"])]
+    assert qmap.volume.dtype == np.float64 and single.dtype == np.float32
+    np.testing.assert_array_equal(qmap.volume, box)
+    np.testing.assert_array_equal(single, box.astype(np.float32))

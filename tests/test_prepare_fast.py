@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectscope.preprocessing import centring, oversampling, pipeline
+from defectscope.preprocessing import centring, cut, oversampling, pipeline
 from defectscope.preprocessing.config import PipelineConfig
 
 
@@ -78,6 +78,67 @@ def ref_centre_of_mass_shift(source, centre, shape, *, max_iterations=centring.M
                                   len(seen), False)
 
 
+def ref_peak_candidates(volume):
+    _, maxima = centring._block_maxima(volume, centring._BLOCK)
+    flat = maxima.reshape(-1)
+    count = min(centring.N_BLOCK_CANDIDATES, flat.size)
+    top = np.argpartition(flat, flat.size - count)[flat.size - count:]
+    top = top[np.lexsort((top, -flat[top]))]
+    block = centring._BLOCK
+    candidates = [centring._argmax_in(volume, [i * block for i in np.unravel_index(int(j), maxima.shape)], block)
+                  for j in top]
+    if min(maxima.shape) >= 2:
+        cube = centring._cube_minimum(maxima)
+        corner = np.unravel_index(int(np.argmax(cube)), cube.shape)
+        lo = [c * block for c in corner]
+        region = volume[tuple(slice(lo[k], lo[k] + 2 * block) for k in range(3))]
+        if min(region.shape) >= 2:
+            core = np.unravel_index(int(np.argmax(centring._cube_minimum(region))), tuple(n - 1 for n in region.shape))
+            candidate = centring._argmax_in(volume, [lo[k] + core[k] for k in range(3)], 2)
+            if candidate not in candidates:
+                candidates.append(candidate)
+    return candidates
+
+
+def ref_neighbourhood_medians(volume, points, size):
+    r = np.arange(-(size // 2), size // 2 + 1)
+    offsets = np.stack(np.meshgrid(r, r, r, indexing="ij"), axis=-1).reshape(-1, 3)
+    idx = np.clip(np.asarray(points, dtype=np.intp)[:, None, :] + offsets[None], 0, np.asarray(volume.shape) - 1)
+    return np.median(volume[idx[..., 0], idx[..., 1], idx[..., 2]], axis=1)
+
+
+def ref_cut_near_peak(window):
+    centre = np.array(window.shape) // 2
+    top = float(window[tuple(centre)])
+    if not top > 0:
+        return None
+
+    def patch(axis, plane, others, box):
+        if not 0 <= plane < window.shape[axis]:
+            return None
+        index = [slice(None)] * 3
+        index[axis] = plane
+        index[others[0]], index[others[1]] = box
+        return window[tuple(index)]
+
+    for axis in range(3):
+        others = [k for k in range(3) if k != axis]
+        box = [slice(max(centre[k] - cut.HALF, 0), centre[k] + cut.HALF + 1) for k in others]
+        for sign in (1, -1):
+            previous = top
+            for d in range(1, cut.REACH + 1):
+                here = patch(axis, centre[axis] + sign * d, others, box)
+                if here is None:
+                    break
+                if not here.any():
+                    after = patch(axis, centre[axis] + sign * (d + 1), others, box)
+                    if previous >= cut.MIN_RELATIVE * top and (after is None or not after.any()):
+                        return axis, sign, d
+                    break
+                previous = float(here.mean())
+    return None
+
+
 # -- maps -----------------------------------------------------------------------------------------------
 def _map(seed: int, shape=(64, 64, 64), centre=None, hot=0, background=0.0):
     rng = np.random.default_rng(seed)
@@ -104,6 +165,55 @@ def test_block_maxima_and_median_filter_as_reference(k):
     hi = [min(volume.shape[i] - 1, peak.index[i] + 4) for i in range(3)]
     for size in (1, 3, 5):
         assert np.array_equal(centring._median_filtered(volume, lo, hi, size), ref_median_filtered(volume, lo, hi, size))
+
+
+@pytest.mark.parametrize("k", range(len(MAPS)))
+def test_peak_candidates_and_their_medians_as_reference(k):
+    volume = MAPS[k].astype(np.float32)
+    candidates = centring._peak_candidates(volume)
+    assert candidates == ref_peak_candidates(volume)
+    assert all(type(c) is int for point in candidates for c in point)
+    assert np.array_equal(centring._neighbourhood_medians(volume, candidates, 3),
+                          ref_neighbourhood_medians(volume, candidates, 3))
+    flat = np.zeros((6, 9, 7), np.float32)  # ties everywhere, blocks cut by the far faces
+    flat[5, 8, 6] = flat[0, 0, 0] = 1
+    assert centring._peak_candidates(flat) == ref_peak_candidates(flat)
+
+
+def _cut_windows():
+    """Windows with data stopping at every side and distance, and ones it must not call cut."""
+    base = centring.crop_pad(MAPS[0].astype(np.float32), centring.find_peak(MAPS[0], PipelineConfig()).index, (64,) * 3)
+    yield base
+    for axis in range(3):
+        for sign in (1, -1):
+            for d in (1, 2, 4, 6, 7):
+                w = base.copy()
+                index = [slice(None)] * 3
+                index[axis] = slice(32 + d, None) if sign > 0 else slice(None, 32 - d + 1)
+                w[tuple(index)] = 0
+                yield w
+                index[axis] = 32 + sign * d  # a single empty plane: no cut
+                one = base.copy()
+                one[tuple(index)] = 0
+                yield one
+    small = np.zeros((5, 9, 3), np.float32)  # planes beyond the window's faces
+    small[2, 4, 1] = 10
+    yield small
+
+
+def test_cut_near_peak_as_reference():
+    windows = list(_cut_windows())
+    found = [cut.cut_near_peak(w) for w in windows]
+    assert found == [ref_cut_near_peak(w) for w in windows]
+    assert sum(f is not None for f in found) >= 20  # the check is exercised on both answers
+
+
+def test_window_of_is_a_view_inside_and_a_padded_copy_across_a_face():
+    volume = MAPS[0].astype(np.float32)
+    inside = centring.window_of(volume, (32, 32, 32), (16, 16, 16))
+    assert np.shares_memory(inside, volume) and np.array_equal(inside, centring.crop_pad(volume, (32, 32, 32), (16,) * 3))
+    across = centring.window_of(volume, (3, 32, 32), (16, 16, 16))
+    assert not np.shares_memory(across, volume) and np.array_equal(across, centring.crop_pad(volume, (3, 32, 32), (16,) * 3))
 
 
 @pytest.mark.parametrize("k", range(len(MAPS)))
@@ -156,6 +266,10 @@ def test_prepare_as_with_the_reference_steps(k, monkeypatch):
     monkeypatch.setattr(centring, "_median_filtered", ref_median_filtered)
     monkeypatch.setattr(pipeline, "isolated_voxels", ref_isolated_voxels)
     monkeypatch.setattr(pipeline, "centre_of_mass_shift", ref_centre_of_mass_shift)
+    monkeypatch.setattr(centring, "_peak_candidates", ref_peak_candidates)
+    monkeypatch.setattr(centring, "_neighbourhood_medians", ref_neighbourhood_medians)
+    monkeypatch.setattr(cut, "cut_near_peak", ref_cut_near_peak)
+    monkeypatch.setattr(pipeline, "window_of", centring.crop_pad)
     ref = pipeline.prepare(volume, config, sampling_check=True)
     assert np.array_equal(fast.array, ref.array)
     assert np.array_equal(fast.variants, ref.variants)
