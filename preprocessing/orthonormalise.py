@@ -173,6 +173,15 @@ def _block_peak(sums: np.ndarray) -> np.ndarray:
     return np.floor((np.array(centroid) + 0.5) * BLOCK).astype(int)
 
 
+def peak_voxel(state: "StreamState") -> np.ndarray:
+    """The voxel ``finish_window`` centres its box on: ``_block_peak`` of the coarse block sums so far."""
+    mapping = state.mapping
+    if state.block_total is None:  # not kept while adding (accumulate(blocks=False)): made now
+        state.block_total = np.bincount(mapping.block_of_rank, weights=state.total,
+                                        minlength=math.prod(mapping.block_shape) + 1)
+    return np.minimum(_block_peak(state.block_total[:-1].reshape(mapping.block_shape)), np.array(mapping.grid.shape) - 1)
+
+
 @dataclass(eq=False)
 class StreamState:
     """Frames gridded so far for one scan (see ``Orthonormaliser.start``)."""
@@ -320,7 +329,8 @@ class Orthonormaliser:
 
     def finish_window(self, state: StreamState, extent: int | Sequence[int], *, allow_partial: bool = False,
                       centre: Sequence[int] | None = None, close: bool = True,
-                      binning: Sequence[int] | None = None, dtype=np.float64) -> tuple[QMap, dict]:
+                      binning: Sequence[int] | None = None, dtype=np.float64,
+                      complete: bool = False) -> tuple[QMap, dict]:
         """Like ``finish``, but only a box of ``extent`` voxels per axis around the peak is made.
 
         The box is centred on the brightest coarse block (``BLOCK``^3 voxels, sums kept up to date while
@@ -334,11 +344,14 @@ class Orthonormaliser:
         many times the voxel, ``extent`` being in those coarser voxels: each one is the sum over the pixels of
         the fine voxels it holds over their count, which is what gridding at the coarser voxel gives
         (``_binned``). ``dtype``: of the map (float32: rounded once from the float64 sums, as a cast of the
-        float64 map would be). Returns the map and where the box lies (in fine voxels).
+        float64 map would be). ``complete``: the box as it will be once every frame has arrived, the missing
+        ones counting as zero so far (each voxel divided by the pixels of the whole scan that reach it; with
+        ``allow_partial``, by those of the frames received): the box is final if no frame still to come adds
+        to it. Returns the map and where the box lies (in fine voxels).
         """
         mapping = state.mapping
         _check_open(state)
-        if not state.received.all() and not allow_partial:
+        if not state.received.all() and not (allow_partial or complete):
             missing = np.flatnonzero(~state.received)
             raise ShapeMismatch(f"{len(missing)} of {len(state.received)} frames never arrived (first: {missing[0]})")
         shape = np.array(mapping.grid.shape)
@@ -348,14 +361,12 @@ class Orthonormaliser:
         step = np.minimum(step, shape)
         extent = np.minimum(np.broadcast_to(np.asarray(extent, dtype=int), (3,)) * step, shape // step * step)
         if centre is None:
-            if state.block_total is None:  # not kept while adding (accumulate(blocks=False)): made now
-                state.block_total = np.bincount(mapping.block_of_rank, weights=state.total,
-                                                minlength=math.prod(mapping.block_shape) + 1)
-            centre = np.minimum(_block_peak(state.block_total[:-1].reshape(mapping.block_shape)), shape - 1)
+            centre = peak_voxel(state)
         lo = np.clip(np.asarray(centre, dtype=int) - extent // 2, 0, shape - extent)
         box = tuple(slice(a, a + n) for a, n in zip(lo, extent))
         ranks = mapping.rank_grid[box]
-        inverse = self._inverse(state) if state.received.all() else _inverse_counts(mapping, state.mask, state.received)
+        complete = complete or state.received.all()
+        inverse = self._inverse(state) if complete else _inverse_counts(mapping, state.mask, state.received)
         if np.any(step > 1):
             volume = _binned(np.take(state.total, ranks), np.take(inverse, ranks), step).astype(dtype, copy=False)
         else:
@@ -377,7 +388,7 @@ class Orthonormaliser:
             if state.mask_key in cached:
                 cached.move_to_end(state.mask_key)
                 return cached[state.mask_key]
-        inverse = _inverse_counts(state.mapping, state.mask, state.received)
+        inverse = _inverse_counts(state.mapping, state.mask, np.ones_like(state.received))  # the whole scan's
         inverse.setflags(write=False)
         with self._lock:
             cached[state.mask_key] = inverse

@@ -35,9 +35,10 @@ def binning_for(report: dict) -> np.ndarray:
 
 
 def prepare_scan(orthonormaliser, state, where: dict, volume, kw: dict, config: PipelineConfig, *, limits: Limits,
-                 sampling_check: bool) -> Prepared:
+                 sampling_check: bool, ahead: bool = False) -> Prepared:
     """The prepared map of a gridded scan's ``state`` from its first box (``volume``, placed by ``where``);
-    ``kw``: ``Preparation`` arguments. The state's sums are spent afterwards."""
+    ``kw``: ``Preparation`` arguments. The state's sums are spent afterwards, unless ``ahead``: a scan still
+    arriving, prepared from boxes as they will be once complete (``finish_window(complete=True)``), kept open."""
 
     def prepared(vol, kw):
         preparation = Preparation(vol, config, limits=limits, **kw)
@@ -47,7 +48,7 @@ def prepare_scan(orthonormaliser, state, where: dict, volume, kw: dict, config: 
     def recut(extent, binning):
         qmap, where = orthonormaliser.finish_window(state, np.asarray(extent).astype(int), centre=where_now["window_centre"],
                                                     close=False, binning=None if np.all(binning == 1) else binning,
-                                                    dtype=np.float32)
+                                                    dtype=np.float32, complete=ahead)
         return qmap, where, {**kw, "voxel_size": [float(v) for v in qmap.voxel_size]}
 
     try:
@@ -69,6 +70,7 @@ def prepare_scan(orthonormaliser, state, where: dict, volume, kw: dict, config: 
         if sampling_check:  # made once, from the box the map was finally prepared from
             p.variant_oversampling, p.variants = preparation.sampling_variants(per_axis)
     finally:
-        state.total = np.empty(0)  # the sums are spent
+        if not ahead:
+            state.total = np.empty(0)  # the sums are spent
     p.report["scan_window"] = where_now
     return p

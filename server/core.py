@@ -31,6 +31,7 @@ from defectscope.preprocessing.pipeline import Preparation, prepare_each
 from defectscope.preprocessing.scan_prepare import prepare_scan
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
+from defectscope.server import lookahead
 from defectscope.server.checks import DISAGREEMENT, check_models, check_ood, check_sampling, decisions  # noqa: F401
 from defectscope.server.job import Job, Outcome, ScanStream, _Staged, file_job, map_job, scan_job
 from defectscope.server.stats import Stats  # noqa: F401 (imported from here by the adapters)
@@ -194,6 +195,8 @@ class Classifier:
         try:
             frame = _frame_intensity(frame, _intensity(stream.request.spec))
             self.orthonormaliser.accumulate_frame(stream.state, index, frame)
+            if stream.ahead is not None:
+                stream.ahead.frame_added(stream.state, index, frame)
         except DefectscopeError:
             raise
         except Exception as exc:
@@ -208,9 +211,17 @@ class Classifier:
             missing = np.flatnonzero(~received)
             raise ShapeMismatch(f"stream ended with {len(missing)} of {len(received)} frames missing "
                                 f"(first: {int(missing[0])})")
-        intensity = _intensity(stream.request.spec)
-        return self._run(stream.request, lambda: self._scan_volume(stream.state, stream.gridding_ms, intensity),
+        ready = lookahead.answer(stream)
+        if ready is not None:
+            return ready
+        intensity, box = _intensity(stream.request.spec), lookahead.kept_box(stream)
+        return self._run(stream.request, lambda: self._scan_volume(stream.state, stream.gridding_ms, intensity, box=box),
                          stream.decode_ms, prior_ms=stream.gridding_ms)
+
+    def look_ahead(self, stream: "ScanStream") -> bool:
+        """Answer a streamed scan from its frames so far, for ``finish_stream`` to give if no frame still to
+        come changes what the answer read (``server.lookahead``); True if an answer was made."""
+        return lookahead.look_ahead(self, stream)
 
     def _run(self, request: Request, volumes, decode_ms: float, prior_ms: float = 0.0) -> Outcome:
         """``volumes()`` -> prepare -> infer -> reply. ``prior_ms``: work done before this call (gridding of
@@ -375,21 +386,27 @@ class Classifier:
         (oversampling 4.8); a map that needs more is re-cut larger (``_prepare_scan``)."""
         return int(math.ceil(1.5 * max(self.predictor.pipeline.shape)))
 
-    def _scan_volume(self, state, gridding_ms: float, intensity: str = "counts"):
+    def _scan_volume(self, state, gridding_ms: float, intensity: str = "counts", ahead: bool = False, box=None):
         """Volumes, prepare() arguments, warnings and orthonormalisation ms of a gridded scan; only a box
         around the peak is made (the prepared map is the one of the whole grid, see ``_prepare_scan``).
-        ``intensity``: of the frames as sent (an amplitude scan's frames were squared before gridding)."""
+        ``intensity``: of the frames as sent (an amplitude scan's frames were squared before gridding).
+        ``ahead``: a stream still arriving, boxes cut as they will be once complete; ``box``: the first box,
+        already made (``server.lookahead``)."""
         t0 = time.perf_counter()
-        qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False, dtype=np.float32)
+        if box is None:
+            qmap, where = self.orthonormaliser.finish_window(state, self.scan_window(), close=False, dtype=np.float32,
+                                                             complete=ahead)
+            box = (qmap.volume, qmap.voxel_size, where)
+        volume, voxel_size, where = box
         ms = gridding_ms + (time.perf_counter() - t0) * 1e3
-        kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in qmap.voxel_size],
-                  intensity="relative" if intensity == "amplitude" else intensity, scan=(state, where))
-        return qmap.volume[np.newaxis], kw, [], ms
+        kw = dict(axes=CANONICAL_AXES, voxel_size=[float(v) for v in voxel_size],
+                  intensity="relative" if intensity == "amplitude" else intensity, scan=(state, where, ahead))
+        return volume[np.newaxis], kw, [], ms
 
     def _prepare_scan(self, volume, kw):
-        state, where = kw.pop("scan")
+        state, where, ahead = kw.pop("scan")
         return prepare_scan(self.orthonormaliser, state, where, volume, kw, self.predictor.pipeline,
-                            limits=self.limits, sampling_check=self.sampling_check)
+                            limits=self.limits, sampling_check=self.sampling_check, ahead=ahead)
 
     def load_file(self, request: Request) -> None:
         """Read a ``file`` request's data into the request (``array``; ``mask`` too for a scan), once: what

@@ -119,3 +119,5 @@ class ScanStream:
     dtype: np.dtype
     gridding_ms: float = 0.0
     decode_ms: float = 0.0
+    ahead: object = None  # server.lookahead.Ahead: an answer made before the last frame, while it holds
+    ahead_tried_at: int = -1  # frames received when a look-ahead was last made or tried

@@ -187,10 +187,25 @@ class StreamGridder:
                 self._busy = 1
                 try:
                     self._handle(item, scans, push)
+                    if self.queue.empty():
+                        self._look_ahead(scans)
                 finally:
                     self._busy = 0
         finally:
             push.close()
+
+    def _look_ahead(self, scans: dict) -> None:
+        """Nothing queued: answer one open stream from its frames so far (``server.lookahead``), so that its
+        answer can leave as soon as its last frame is gridded; a failure here only loses the head start."""
+        for classifier, scan in list(scans.values()):
+            if scan is None:
+                continue
+            try:
+                if classifier.look_ahead(scan):
+                    return  # one at a time: frames may be waiting again
+            except Exception:  # never the thread: the stream is answered at its end as usual
+                scan.ahead = None
+                log.exception("look-ahead of stream %s failed", scan.request.request_id)
 
     def _handle(self, item, scans: dict, push) -> None:
         kind, stream = item[0], item[1]
