@@ -173,6 +173,27 @@ def _block_peak(sums: np.ndarray) -> np.ndarray:
     return np.floor((np.array(centroid) + 0.5) * BLOCK).astype(int)
 
 
+def contributions(state: "StreamState", i: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What frame ``i`` adds to the sums: the voxel rank of each pixel that adds (masked pixels: the spare
+    bin) and its float64 value, in pixel order. Only nonzero pixels of a sparse frame (detector frames are
+    mostly zeros); every pixel of a dense one. NaN or infinite values raise ``NonFinite``."""
+    flat = frame.ravel()
+    nonzero = flat != 0  # NaN != 0 is kept
+    if np.count_nonzero(nonzero) * 2 < flat.size:  # sparse frame: only its nonzero pixels
+        nonzero = np.flatnonzero(nonzero)  # 2x faster than flatnonzero(flat)
+        values = flat[nonzero].astype(np.float64)  # float64 values: np.add.at's fast path
+        ranks = state.mapping.rank[i][nonzero]
+    else:  # dense frame: every pixel, without gathering
+        nonzero = slice(None)
+        values = flat.astype(np.float64)
+        ranks = state.mapping.rank[i].copy() if state.mask is not None else state.mapping.rank[i]
+    if frame.dtype.kind == "f" and not math.isfinite(values.sum()) and not np.isfinite(values).all():
+        raise NonFinite(f"frame {i} holds NaN or infinite values; mask those pixels instead")
+    if state.mask is not None:
+        ranks[(state.mask if state.mask.ndim == 2 else state.mask[i]).ravel()[nonzero]] = state.mapping.spare
+    return ranks, values
+
+
 def peak_voxel(state: "StreamState") -> np.ndarray:
     """The voxel ``finish_window`` centres its box on: ``_block_peak`` of the coarse block sums so far."""
     mapping = state.mapping
@@ -294,21 +315,7 @@ class Orthonormaliser:
 
     @staticmethod
     def _add(state: StreamState, i: int, frame: np.ndarray) -> None:
-        # Only nonzero pixels add to a sum (detector frames are mostly zeros); counts come from the mapping.
-        flat = frame.ravel()
-        nonzero = flat != 0  # NaN != 0 is kept
-        if np.count_nonzero(nonzero) * 2 < flat.size:  # sparse frame: only its nonzero pixels
-            nonzero = np.flatnonzero(nonzero)  # 2x faster than flatnonzero(flat)
-            values = flat[nonzero].astype(np.float64)  # float64 values: np.add.at's fast path
-            ranks = state.mapping.rank[i][nonzero]
-        else:  # dense frame: every pixel, without gathering
-            nonzero = slice(None)
-            values = flat.astype(np.float64)
-            ranks = state.mapping.rank[i].copy() if state.mask is not None else state.mapping.rank[i]
-        if frame.dtype.kind == "f" and not math.isfinite(values.sum()) and not np.isfinite(values).all():
-            raise NonFinite(f"frame {i} holds NaN or infinite values; mask those pixels instead")
-        if state.mask is not None:
-            ranks[(state.mask if state.mask.ndim == 2 else state.mask[i]).ravel()[nonzero]] = state.mapping.spare
+        ranks, values = contributions(state, i, frame)
         np.add.at(state.total, ranks, values)
         if state.block_total is not None:
             np.add.at(state.block_total, state.mapping.block_of_rank[ranks], values)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from defectscope.errors import DefectscopeError
-from defectscope.preprocessing.orthonormalise import peak_voxel
+from defectscope.preprocessing.orthonormalise import contributions, peak_voxel
 
 MIN_FRACTION = 0.5
 
@@ -55,8 +55,10 @@ class Ahead:
 
     def frame_added(self, state, index: int, frame: np.ndarray) -> None:
         """A frame added to ``state`` after this answer. Its values in the first box are added to ``sums``
-        in the order ``Orthonormaliser._add`` adds them to the grid's, so the sums stay the grid's, bit for bit."""
-        ranks, values = _contributions(state, index, frame)
+        as ``Orthonormaliser._add`` adds them to the grid's (the same ``contributions``, in the same order),
+        so the kept sums stay the grid's, bit for bit. (The read check counts a masked pixel as the spare
+        bin, which is never read.)"""
+        ranks, values = contributions(state, index, frame)
         self.touched_last = bool(self.read[ranks].any())
         if self.touched_last:
             self.holds = False
@@ -70,17 +72,6 @@ class Ahead:
         volume = np.multiply(self.sums, self.inverse).astype(np.float32)
         volume[self.inverse == 0] = 0.0
         return volume, self.voxel_size, self.where
-
-
-def _contributions(state, index: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The voxel ranks and float64 values frame ``index`` adds (nonzero, unmasked pixels, in pixel order)."""
-    flat = frame.ravel()
-    nonzero = np.flatnonzero(flat != 0)
-    ranks, values = state.mapping.rank[index][nonzero], flat[nonzero].astype(np.float64)
-    if state.mask is not None:
-        keep = ~(state.mask if state.mask.ndim == 2 else state.mask[index]).ravel()[nonzero]
-        ranks, values = ranks[keep], values[keep]
-    return ranks, values
 
 
 def _box_index(where: dict) -> tuple[slice, ...]:
