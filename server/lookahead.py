@@ -18,8 +18,10 @@ Either way the reply is that of the scan answered at its end (``tests/test_looka
 or a preparation needing another box, answers it at its end as without a look-ahead.
 
 When: the gridding thread looks ahead when nothing is queued, once at least ``MIN_FRACTION`` of the frames
-are in and a frame has come since the last look, and not right after a frame that landed in the previous
-answer's voxels (the peak is still passing: the next frame would most likely change it again).
+are in; again (at most every ``RELOOK_FRACTION`` of the frames) when the peak has moved since the last
+look, or when frames have stopped landing in what the last answer read (a photon-counting detector past
+the peak: the next answer will hold). Measured frames often hold background everywhere, so later frames
+land in what the answer read: there the kept box is what saves time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.preprocessing.orthonormalise import contributions, peak_voxel
 
 MIN_FRACTION = 0.5
+RELOOK_FRACTION = 0.05
 
 
 @dataclass(eq=False)
@@ -91,14 +94,17 @@ def voxels_read(mapping, boxes) -> np.ndarray:
 def should_look(stream) -> bool:
     received = int(np.count_nonzero(stream.state.received))
     n = len(stream.state.received)
-    if received == n or received < MIN_FRACTION * n or received == stream.ahead_tried_at:
+    if received == n or received < MIN_FRACTION * n:
         return False
-    ahead = stream.ahead
-    if ahead is None:
-        return True
-    if ahead.holds:
-        return tuple(peak_voxel(stream.state).tolist()) != ahead.centre  # the peak moved: look again
-    return not ahead.touched_last
+    if stream.ahead is None:
+        return received != stream.ahead_tried_at
+    # The answer (or its kept box) stands while the peak stays; once it moved, look again, at most every
+    # ``RELOOK_FRACTION`` of the frames (the peak's centre can move a voxel with each frame while it passes).
+    if received - stream.ahead_tried_at < max(1, RELOOK_FRACTION * n):
+        return False
+    if not stream.ahead.holds and not stream.ahead.touched_last:
+        return True  # frames no longer land in it (a photon-counting detector past the peak): an exact answer
+    return tuple(peak_voxel(stream.state).tolist()) != stream.ahead.centre
 
 
 def look_ahead(classifier, stream) -> bool:

@@ -143,3 +143,22 @@ def test_measured_scan_streamed_with_look_ahead_is_the_scan_at_once(predictor):
     reply, s = stream(classifier, frames, geometry, mask=mask)
     assert s.ahead is not None  # made; its late frames (background everywhere) land in it: the kept box answers
     assert_same(reply, at_once(classifier, frames, geometry, mask=mask))
+
+
+def test_looks_again_when_the_peak_moved_or_frames_stopped_landing(predictor, photon_counting):
+    geometry, frames = photon_counting
+    classifier = Classifier(predictor)
+    spec = {"kind": "scan", "shape": list(frames.shape), "dtype": frames.dtype.str, "geometry": geometry, "stream": True}
+    s = classifier.begin_stream(Job("classify", "s", {}, kind="scan", spec=spec, options={"return_prepared": False}))
+    for i in range(20):
+        classifier.add_frame(s, i, frames[i])
+    assert classifier.look_ahead(s)
+    classifier.add_frame(s, 20, frames[20])  # lands in it; then the rate limit holds a new look back
+    assert not s.ahead.holds and s.ahead.touched_last and not classifier.look_ahead(s)
+    for i in range(21, 34):
+        classifier.add_frame(s, i, frames[i])
+    assert not s.ahead.touched_last  # frame 33 held no counts: the peak has passed
+    assert classifier.look_ahead(s) and s.ahead.holds
+    s.ahead.centre = (0, 0, 0)  # as if the peak had moved since
+    s.ahead_tried_at -= 2
+    assert classifier.look_ahead(s) and s.ahead.centre != (0, 0, 0)
