@@ -44,7 +44,7 @@ serve: $(STAMP)
 # then the simulator's speed (benchmarks/simulate.json). A background relaxation (training.relax) is paused
 # for the run and resumed after it, whatever happens (trap); its PIDs are recorded in the results.
 bench: $(STAMP)
-	@pids="$$(pgrep -f 'defectscope[.]training[.]relax' | tr '\n' ' ')"; \
+	@pids="$$(for p in $$(pgrep -f 'defectscope[.]training[.]relax'); do echo $$p; pgrep -P $$p; done | tr '\n' ' ')"; \
 	if [ -n "$$pids" ]; then trap 'kill -CONT '"$$pids"' 2>/dev/null' EXIT INT TERM; kill -STOP $$pids; fi; \
 	$(BIN)/python -m defectscope.benchmarks.report --paused "$$pids" && \
 	$(BIN)/python -m defectscope.benchmarks.bench_simulate
