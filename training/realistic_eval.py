@@ -7,7 +7,7 @@
 
 Every map is prepared by the model's own pipeline and classified by ONNX Runtime, as ``defectscope evaluate``
 and the server do (``preprocessing.pipeline.prepare``, ``model.predictor.Predictor``), on every split of each
-file (the shipped models were trained on other data). Labels are what the crystal is after relaxation
+file (the shipped models were trained on other data), or of one ``--split``. Labels are what the crystal is after relaxation
 (``/labels``). A 3-class model is also scored collapsed to defect-free / defective (probabilities summed).
 
 Strata, from ``/parameters``: relaxed or not, relaxation state, element, position mode by the line's distance
@@ -27,8 +27,12 @@ import numpy as np
 OFFSET_BANDS_ANGSTROM = ((0.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, 1e9))
 
 
-def predict(model_path, data_path, batch: int = 32) -> tuple[np.ndarray, list[str], dict]:
-    """Probabilities of every map of ``data_path`` (refused maps: NaN rows), the model's classes, parameters."""
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+
+def predict(model_path, data_path, batch: int = 32, split: str | None = None) -> tuple[np.ndarray, list[str], dict]:
+    """Probabilities of every map of ``data_path`` (refused maps: NaN rows), the model's classes, parameters;
+    with ``split`` (train, validation, test) only that split's maps, in file order."""
     from defectscope.errors import DefectscopeError
     from defectscope.model.predictor import Predictor
     from defectscope.preprocessing.pipeline import prepare
@@ -37,22 +41,23 @@ def predict(model_path, data_path, batch: int = 32) -> tuple[np.ndarray, list[st
     predictor = Predictor(model_path, provider="cpu", warmup=False)
     mf = open_map_file(Path(data_path))
     try:
-        probs = np.full((len(mf.labels), len(predictor.classes)), np.nan, dtype=np.float64)
+        chosen = np.arange(len(mf.labels)) if split is None else np.flatnonzero(mf.split == SPLITS[split])
+        probs = np.full((len(chosen), len(predictor.classes)), np.nan, dtype=np.float64)
         xs, where = [], []
-        for i in range(len(mf.labels)):
-            volume, mask = mf.read(i)
+        for row, i in enumerate(chosen):
+            volume, mask = mf.read(int(i))
             try:
-                xs.append(prepare(volume, predictor.pipeline, mask=mask, **mf.frame(i)).array)
-                where.append(i)
+                xs.append(prepare(volume, predictor.pipeline, mask=mask, **mf.frame(int(i))).array)
+                where.append(row)
             except DefectscopeError:
                 continue
-            if len(xs) == batch or i == len(mf.labels) - 1:
+            if len(xs) == batch:
                 probs[where] = predictor.predict(np.stack(xs))
                 xs, where = [], []
         if xs:
             probs[where] = predictor.predict(np.stack(xs))
-        params = {k: np.asarray(v) for k, v in mf.parameters().items()}
-        params["label"] = np.asarray(mf.labels).astype(int)  # what the crystal is (the file's /labels)
+        params = {k: np.asarray(v)[chosen] for k, v in mf.parameters().items()}
+        params["label"] = np.asarray(mf.labels).astype(int)[chosen]  # what the crystal is (the file's /labels)
         return probs, list(predictor.classes), params
     finally:
         mf.close()
@@ -112,8 +117,8 @@ def scores(probs: np.ndarray, classes: list[str], labels: np.ndarray, select: np
     return out
 
 
-def evaluate_file(model_path, data_path) -> tuple[dict, np.ndarray, dict]:
-    probs, classes, p = predict(model_path, data_path)
+def evaluate_file(model_path, data_path, split: str | None = None) -> tuple[dict, np.ndarray, dict]:
+    probs, classes, p = predict(model_path, data_path, split=split)
     labels = p["label"].astype(int)
     table = {name: scores(probs, classes, labels, sel) for name, sel in strata(p).items() if sel.any()}
     return table, probs, p
@@ -138,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", action="append", required=True, help="simulated datasets (the first is paired with --twin)")
     ap.add_argument("--twin", default=None, help="the unrelaxed twin of the first --data file")
     ap.add_argument("--commands", default=None, help="JSON list of the commands that made the data (recorded)")
+    ap.add_argument("--split", choices=sorted(SPLITS), default=None,
+                    help="score only this split of every file (default: every map)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     from defectscope.model.predictor import Predictor
@@ -151,10 +158,10 @@ def main(argv=None) -> int:
         entry = {"classes": classes, "path": str(model), "sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
                  "files": {}}
         for k, data in enumerate(args.data):
-            table, probs, p = evaluate_file(model, data)
+            table, probs, p = evaluate_file(model, data, args.split)
             entry["files"][Path(data).name] = table
             if k == 0 and args.twin:
-                twin_probs, _, _ = predict(model, args.twin)
+                twin_probs, _, _ = predict(model, args.twin, split=args.split)
                 entry["relaxed_vs_unrelaxed_twin"] = paired_twin(probs, twin_probs, p, classes)
             print(f"{Path(model).name} {Path(data).name}: {table['all']}", flush=True)
         result["models"][Path(model).stem] = entry
