@@ -202,14 +202,17 @@ def test_an_existing_dask_cluster_gives_the_same_dataset(tmp_path):
     assert sha256(one) == sha256(remote)
 
 
-def test_failed_run_leaves_no_file(tmp_path, monkeypatch):
+def test_failed_run_leaves_only_its_partial_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("worker died")
 
     monkeypatch.setattr(simulator, "simulate_configuration", boom)
     with pytest.raises(RuntimeError):
         simulate_dataset(3, tmp_path / "x.h5", FAST, workers=1, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5.partial"]  # no dataset, only what resumes it
+    monkeypatch.undo()
+    assert simulate_dataset(3, tmp_path / "x.h5", FAST, workers=1, progress=False).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.h5"]
 
 
 # -- the command line -----------------------------------------------------------------------------------
@@ -262,3 +265,67 @@ def test_a_dask_run_does_not_need_port_8787(tmp_path):
         assert path.is_file()
     finally:
         blocker.close()
+
+
+def test_an_interrupted_run_resumes_after_its_last_configuration(tmp_path, noisy_dataset, monkeypatch):
+    from defectscope.errors import BadMessage
+    from defectscope.training.dataset import DatasetWriter
+
+    write, written = DatasetWriter.write, []
+
+    def stopped_after_two(self, result):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a ^C or a session's end would stop it
+        written.append(result.index)
+        write(self, result)
+
+    monkeypatch.setattr(DatasetWriter, "write", stopped_after_two)
+    out = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(14, out, NOISY, seed=11, workers=1, progress=False)
+    monkeypatch.undo()
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists() and not out.exists()
+    with h5py.File(partial) as f:
+        assert f.attrs["written"] == 6
+    with pytest.raises(BadMessage, match="another run"):
+        simulate_dataset(14, out, NOISY, seed=12, workers=1, progress=False)
+    simulated = []
+    configuration = simulator.simulate_configuration
+    monkeypatch.setattr(simulator, "simulate_configuration",
+                        lambda cfg, seed, i, n: simulated.append(i) or configuration(cfg, seed, i, n))
+    simulate_dataset(14, out, NOISY, seed=11, workers=1, progress=False)
+    assert simulated == [2, 3, 4] and not partial.exists()
+    with h5py.File(out) as a, h5py.File(noisy_dataset) as b:
+        assert "_progress" not in a and "written" not in a.attrs
+        for name in ("counts", "mask", "labels", "split"):
+            assert np.array_equal(a[name][()], b[name][()]), name
+        for name in PARAMETERS:
+            x, y = a["parameters"][name][()], b["parameters"][name][()]
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+        assert set(a.attrs) == set(b.attrs)
+        assert all(np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs)
+    other = simulate_dataset(14, tmp_path / "fresh.h5", NOISY, seed=12, workers=1, progress=False, resume=False)
+    assert other.exists()
+
+
+def test_a_run_stopped_on_one_worker_resumes_on_dask_workers(tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    from defectscope.training.dataset import DatasetWriter
+
+    write = DatasetWriter.write
+
+    def stopped_after_one(self, result):
+        if self.written:
+            raise KeyboardInterrupt
+        write(self, result)
+
+    monkeypatch.setattr(DatasetWriter, "write", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(10, tmp_path / "r.h5", FAST, seed=3, workers=1, progress=False)
+    monkeypatch.undo()
+    resumed = simulate_dataset(10, tmp_path / "r.h5", FAST, seed=3, workers=2, progress=False)
+    whole = simulate_dataset(10, tmp_path / "w.h5", FAST, seed=3, workers=1, progress=False)
+    with h5py.File(resumed) as a, h5py.File(whole) as b:
+        for name in ("counts", "mask", "labels", "split"):
+            assert np.array_equal(a[name][()], b[name][()]), name

@@ -29,7 +29,9 @@ def register(sub) -> None:
     p.add_argument("--unrelaxed-twin", action="store_true",
                    help="build the configurations the config relaxes unrelaxed instead (same plan, same draws, the "
                         "potential's lattice constant): the twin dataset for a relaxed-vs-unrelaxed evaluation")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out if it exists, and start over rather than resume an interrupted run "
+                        "(<out>.partial)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
     from defectscope.training.train_cli import register_train  # train, evaluate (training/train_cli.py)
@@ -68,7 +70,10 @@ def cmd_simulate(args) -> int:
     if args.unrelaxed_twin:
         cfg = cfg.replace(relaxed_twin=True)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not args.force:
+        print(f"resuming the interrupted run in {partial}", flush=True)
     path = simulate_dataset(args.n, out, cfg, seed=args.seed, workers=workers, scheduler=args.scheduler,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=not args.force)
     print(f"wrote {args.n} patterns to {path}")
     return 0

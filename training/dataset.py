@@ -159,9 +159,17 @@ def encode_chunks(counts: np.ndarray, mask: np.ndarray, level: int) -> list[tupl
 
 
 class DatasetWriter:
-    """Write patterns in index order; ``finish`` adds labels, splits, parameters and renames the file."""
+    """Write patterns in index order; ``finish`` adds labels, splits, parameters and renames the file.
 
-    def __init__(self, path, n_patterns: int, n_configurations: int, cfg: SimulationConfig, seed: int):
+    Resumable: the file is ``<out>.partial`` until it is finished, and after every configuration it holds
+    the patterns so far with their labels and parameters (group ``_progress``, attribute ``written``),
+    flushed. A writer made again for the same run (same config, seed and size) with ``resume`` continues
+    from there (``written``: the patterns already in); a partial file of another run is refused, unless
+    ``resume`` is False, which starts over.
+    """
+
+    def __init__(self, path, n_patterns: int, n_configurations: int, cfg: SimulationConfig, seed: int,
+                 *, resume: bool = True):
         import h5py
 
         self.path = Path(path)
@@ -169,6 +177,11 @@ class DatasetWriter:
         self.n_patterns = int(n_patterns)
         self.cfg = cfg
         self._next = 0
+        run = {"simulator_config": cfg.to_json(), "seed": int(seed), "n_patterns": self.n_patterns,
+               "n_configurations": int(n_configurations), "format_version": FORMAT_VERSION}
+        if resume and self.partial.exists():
+            self._reopen(run)
+            return
         self._file = h5py.File(self.partial, "w")
         chunk = (1, *cfg.shape)
         self._counts = self._file.create_dataset(
@@ -181,14 +194,44 @@ class DatasetWriter:
             compression_opts=int(cfg.compression_level), shuffle=False, fillvalue=0, track_times=False)
         self._params = {name: np.zeros((self.n_patterns, *shape), dtype=dtype) for name, (dtype, shape, _) in PARAMETERS.items()}
         self._labels = np.zeros(self.n_patterns, dtype=np.uint8)
+        progress = self._file.create_group("_progress")
+        progress.create_dataset("labels", data=self._labels, track_times=False)
+        for name, values in self._params.items():
+            progress.create_dataset(name, data=values, track_times=False)
         attrs = self._file.attrs
         attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["simulator_config"] = cfg.to_json()
-        attrs["seed"] = int(seed)
-        attrs["n_patterns"] = self.n_patterns
-        attrs["n_configurations"] = int(n_configurations)
+        attrs.update(run)
         attrs["conventions"] = CONVENTIONS
+        attrs["written"] = 0
+        self._file.flush()
+
+    def _reopen(self, run: dict) -> None:
+        import h5py
+
+        try:
+            self._file = h5py.File(self.partial, "r+")
+        except OSError as exc:
+            raise BadMessage(f"{str(self.partial)!r} (an interrupted run) cannot be opened ({exc}); remove it, or "
+                             "start over with --force") from None
+        attrs, mismatch = self._file.attrs, None
+        if "written" not in attrs or "_progress" not in self._file:
+            mismatch = "it holds no progress record"
+        else:
+            mismatch = next((f"its {k} differs" for k, v in run.items() if attrs.get(k) != v), None)
+        if mismatch:
+            self._file.close()
+            raise BadMessage(f"{str(self.partial)!r} is a partial dataset of another run ({mismatch}); remove it, "
+                             "or start over with --force")
+        self._counts, self._mask = self._file["counts"], self._file["mask"]
+        progress = self._file["_progress"]
+        self._labels = progress["labels"][()]
+        self._params = {name: progress[name][()] for name in PARAMETERS}
+        self._next = int(attrs["written"])
+
+    @property
+    def written(self) -> int:
+        """Patterns already in the file (all of earlier configurations: a resumed run starts after them)."""
+        return self._next
 
     def write(self, result) -> None:
         """Append one configuration's patterns (results must arrive in index order)."""
@@ -203,10 +246,15 @@ class DatasetWriter:
             self._counts.id.write_direct_chunk((self._next + k, *zeros), counts_chunk)
             if mask_chunk is not None:  # all-zero masks stay unallocated (fill value 0)
                 self._mask.id.write_direct_chunk((self._next + k, *zeros), mask_chunk)
+        progress = self._file["_progress"]
         for name in PARAMETERS:
             self._params[name][sl] = result.params[name]
+            progress[name][sl] = self._params[name][sl]
         self._labels[sl] = result.params["label"]
+        progress["labels"][sl] = self._labels[sl]
         self._next = sl.stop
+        self._file.attrs["written"] = self._next
+        self._file.flush()  # a stopped run resumes after this configuration
 
     def finish(self, split_per_pattern: np.ndarray, simulator_version: str) -> Path:
         if self._next != self.n_patterns:
@@ -222,15 +270,14 @@ class DatasetWriter:
         f.attrs["classes"] = list(CLASSES)
         f.attrs["simulator_version"] = simulator_version
         f.attrs["defectscope_version"] = __version__
+        del f["_progress"], f.attrs["written"]
         f.close()
         os.replace(self.partial, self.path)
         return self.path
 
     def abort(self) -> None:
-        try:
-            self._file.close()
-        finally:
-            self.partial.unlink(missing_ok=True)
+        """Close, keeping the partial file: the same command resumes it."""
+        self._file.close()
 
 
 # -- reading -----------------------------------------------------------------------------------------

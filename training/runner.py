@@ -40,8 +40,12 @@ def split_per_configuration(cfg: SimulationConfig, seed: int, n_configurations: 
 
 def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = None, seed: int = 0,
                      workers: int = 1, scheduler: str | None = None, progress: bool = True,
-                     window: int | None = None) -> Path:
-    """Simulate ``n_patterns`` patterns into ``out_path`` (HDF5, ``dataset`` layout); returns the path."""
+                     window: int | None = None, resume: bool = True) -> Path:
+    """Simulate ``n_patterns`` patterns into ``out_path`` (HDF5, ``dataset`` layout); returns the path.
+
+    A run stopped before the end leaves ``<out>.partial``; the same call picks up after its last whole
+    configuration (``DatasetWriter``), giving the same bytes as an uninterrupted run (``resume=False``:
+    start over)."""
     cfg = cfg or SimulationConfig()
     if n_patterns < 1:
         raise ValueError("--n must be at least 1")
@@ -50,16 +54,18 @@ def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = N
     sizes = configuration_sizes(n_patterns, cfg.orientations_per_configuration)
     split_conf = split_per_configuration(cfg, seed, len(sizes))
     split = np.repeat(split_conf, sizes)
-    writer = DatasetWriter(out_path, n_patterns, len(sizes), cfg, seed)
+    writer = DatasetWriter(out_path, n_patterns, len(sizes), cfg, seed, resume=resume)
+    start = int(np.searchsorted(np.cumsum([0, *sizes]), writer.written))  # whole configurations are written
     bar = _progress_bar(n_patterns, progress)
+    bar.update(writer.written)
     try:
         if scheduler is None and workers == 1:
-            results = (simulator.simulate_configuration(cfg, seed, i, n) for i, n in enumerate(sizes))
+            results = (simulator.simulate_configuration(cfg, seed, i, sizes[i]) for i in range(start, len(sizes)))
             for result in results:
                 writer.write(result)
                 bar.update(len(result.params["label"]))
         else:
-            for result in _dask_results(cfg, seed, sizes, workers, scheduler, window):
+            for result in _dask_results(cfg, seed, sizes, workers, scheduler, window, start):
                 writer.write(result)
                 bar.update(len(result.params["label"]))
         return writer.finish(split, simulator.SIMULATOR_VERSION)
@@ -87,8 +93,8 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _dask_results(cfg: SimulationConfig, seed: int, sizes: list[int], workers: int, scheduler: str | None,
-                  window: int | None):
-    """Yield configuration results in index order, computed on a Dask cluster."""
+                  window: int | None, start: int = 0):
+    """Yield configuration results in index order from ``start``, computed on a Dask cluster."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -108,9 +114,9 @@ def _dask_results(cfg: SimulationConfig, seed: int, sizes: list[int], workers: i
         # Keys name the config too, so two different runs sharing a cluster never share results.
         tag = hashlib.sha256(f"{config_json}{seed}".encode()).hexdigest()[:12]
         futures = as_completed()
-        submitted = 0
+        submitted = start
         done: dict[int, object] = {}
-        next_index = 0
+        next_index = start
         while next_index < len(sizes):
             # Never run more than n_slots configurations ahead of the next one to write: memory stays bounded
             # even when one configuration is much slower than the others.
