@@ -33,6 +33,7 @@ from defectscope.preprocessing.qspace import (  # noqa: F401 (re-exported: calle
     pixel_q_lab,
 )
 from defectscope.preprocessing.scan_input import _mask_array, _mask_key, _Scan
+from defectscope.preprocessing.scatter import SLAB_FRAMES, add_contributions, contributions, in_order, slab_contributions
 
 BLOCK = 8  # voxels per edge of the coarse blocks whose sums locate the peak (finish_window)
 
@@ -173,27 +174,6 @@ def _block_peak(sums: np.ndarray) -> np.ndarray:
     return np.floor((np.array(centroid) + 0.5) * BLOCK).astype(int)
 
 
-def contributions(state: "StreamState", i: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What frame ``i`` adds to the sums: the voxel rank of each pixel that adds (masked pixels: the spare
-    bin) and its float64 value, in pixel order. Only nonzero pixels of a sparse frame (detector frames are
-    mostly zeros); every pixel of a dense one. NaN or infinite values raise ``NonFinite``."""
-    flat = frame.ravel()
-    nonzero = flat != 0  # NaN != 0 is kept
-    if np.count_nonzero(nonzero) * 2 < flat.size:  # sparse frame: only its nonzero pixels
-        nonzero = np.flatnonzero(nonzero)  # 2x faster than flatnonzero(flat)
-        values = flat[nonzero].astype(np.float64)  # float64 values: np.add.at's fast path
-        ranks = state.mapping.rank[i][nonzero]
-    else:  # dense frame: every pixel, without gathering
-        nonzero = slice(None)
-        values = flat.astype(np.float64)
-        ranks = state.mapping.rank[i].copy() if state.mask is not None else state.mapping.rank[i]
-    if frame.dtype.kind == "f" and not math.isfinite(values.sum()) and not np.isfinite(values).all():
-        raise NonFinite(f"frame {i} holds NaN or infinite values; mask those pixels instead")
-    if state.mask is not None:
-        ranks[(state.mask if state.mask.ndim == 2 else state.mask[i]).ravel()[nonzero]] = state.mapping.spare
-    return ranks, values
-
-
 def peak_voxel(state: "StreamState") -> np.ndarray:
     """The voxel ``finish_window`` centres its box on: ``_block_peak`` of the coarse block sums so far."""
     mapping = state.mapping
@@ -252,8 +232,16 @@ class Orthonormaliser:
         the voxel sums at its call (one pass over the touched voxels) when it has no ``centre``."""
         scan = _Scan(frames, self.limits)
         state = self.start(_bind(geometry, scan.n, scan.shape), mask=mask, grid=grid, blocks=blocks)
-        for i in range(scan.n):
-            self._add(state, i, scan.frames[i])
+        if not isinstance(scan.frames, np.ndarray) or scan.n < 2 * SLAB_FRAMES:
+            for i in range(scan.n):
+                self._add(state, i, scan.frames[i])
+            return state
+        # Slabs of frames: their nonzero pixels found on other threads (numpy lets go of the GIL there),
+        # added here in frame order, so every sum gets its additions in the order ``_add`` gives them.
+        for ranks, values in in_order(lambda a: slab_contributions(state, a, scan.frames[a:a + SLAB_FRAMES]),
+                                       range(0, scan.n, SLAB_FRAMES)):
+            add_contributions(state, ranks, values)
+        state.received[:] = True
         return state
 
     def mapping(self, geometry: Geometry, *, grid: Grid | None = None) -> PixelMapping:
@@ -315,10 +303,7 @@ class Orthonormaliser:
 
     @staticmethod
     def _add(state: StreamState, i: int, frame: np.ndarray) -> None:
-        ranks, values = contributions(state, i, frame)
-        np.add.at(state.total, ranks, values)
-        if state.block_total is not None:
-            np.add.at(state.block_total, state.mapping.block_of_rank[ranks], values)
+        add_contributions(state, *contributions(state, i, frame))
         state.received[i] = True
 
     def finish(self, state: StreamState, *, allow_partial: bool = False) -> QMap:

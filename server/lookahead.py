@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from defectscope.errors import DefectscopeError
-from defectscope.preprocessing.orthonormalise import contributions, peak_voxel
+from defectscope.preprocessing.orthonormalise import peak_voxel
+from defectscope.preprocessing.scatter import contributions
 
 MIN_FRACTION = 0.5
 RELOOK_FRACTION = 0.05
