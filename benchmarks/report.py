@@ -63,7 +63,11 @@ def targets(serving: dict, ortho: dict, steps: dict | None) -> dict:
                              least_possible_is="best bare inference + the map's transport floor")
     if steps:
         prep = steps["prepare_ms"]["after"]
-        out["prepare"] = _target("prepare", prep, None, prep, prep, before_ms=steps["prepare_ms"]["before"])
+        passes = steps.get("data_passes_ms")
+        out["prepare"] = _target("prepare", prep, None, prep, prep, before_ms=steps["prepare_ms"]["before"],
+                                 **({} if passes is None else {
+                                     "least_possible": f"{passes:.2f} ms",
+                                     "least_possible_is": "its passes over the whole map alone, as bare numpy calls"}))
     own = serving["scan"].get("floor")  # measured alternating with the scans, when there
     floor = (own["transport"]["p50_ms"] + own["bare_inference"]["p50_ms"]) if own else transport["scan"]["p50_ms"] + best
     sc = serving["scan"]["p50_ms"]

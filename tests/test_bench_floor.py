@@ -93,3 +93,11 @@ def test_the_committed_results_regenerate_the_committed_tables():
     assert tables.readme(result) in report.README.read_text()
     assert tables.page(result, steps) in report.PAGE.read_text()
     assert tables.orthonormalise_table(result) in report.ORTHO_PAGE.read_text()
+
+
+def test_the_preparation_benchmark_measures_its_steps_and_the_data_passes_alone():
+    from defectscope.benchmarks.bench_prepare import measure
+
+    r = measure(3)
+    assert r["shape"] == [64, 64, 64] and 0 < r["data_passes_ms"] and 0 < r["prepare_ms"]
+    assert {"find_peak", "estimate_oversampling", "_centre"} <= set(r["steps_ms"])
