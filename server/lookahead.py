@@ -7,10 +7,11 @@ arrives afterwards is checked against that set; its values that land in the firs
 of the box's sums, kept up to date. When the last frame is in, and the peak the boxes were cut around is
 still where it was:
 
-- if no frame since landed in a voxel the answer read (a photon-counting detector's frames far from the
-  Bragg peak are zeros), the answer is given as it is: every voxel read, every box and so every number of
+- if no frame since landed in a voxel the answer read (frames whose pixels past the peak land outside the
+  box or hold no counts), the answer is given as it is: every voxel read, every box and so every number of
   the reply are those of the complete scan, and it leaves as soon as the last frame is gridded
-  (``timings_ms.ahead``: the work done ahead);
+  (``timings_ms.ahead``: the work done ahead). Rare on real scans: background and the peak's tails reach
+  the box from every frame;
 - otherwise the kept box is prepared and inferred again, without cutting it from the grid (a gather over
   the whole grid's sums, cold in cache after a scan's gridding).
 
@@ -19,9 +20,10 @@ or a preparation needing another box, answers it at its end as without a look-ah
 
 When: the gridding thread looks ahead when nothing is queued, once at least ``MIN_FRACTION`` of the frames
 are in; again (at most every ``RELOOK_FRACTION`` of the frames) when the peak has moved since the last
-look, or when frames have stopped landing in what the last answer read (a photon-counting detector past
-the peak: the next answer will hold). Measured frames often hold background everywhere, so later frames
-land in what the answer read: there the kept box is what saves time.
+look, or when frames have stopped landing in what the last answer read (the next answer may then hold to
+the end). Measured frames often hold background everywhere, so later frames
+land in what the answer read: there the kept box is what saves time. A map that needs a larger box than
+the first (oversampling above the trained range) is cut again from the grid at the end.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def should_look(stream) -> bool:
     if received - stream.ahead_tried_at < max(1, RELOOK_FRACTION * n):
         return False
     if not stream.ahead.holds and not stream.ahead.touched_last:
-        return True  # frames no longer land in it (a photon-counting detector past the peak): an exact answer
+        return True  # frames no longer land in it: the next answer may hold to the end
     return tuple(peak_voxel(stream.state).tolist()) != stream.ahead.centre
 
 
