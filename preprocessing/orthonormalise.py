@@ -337,9 +337,9 @@ class Orthonormaliser:
         the fine voxels it holds over their count, which is what gridding at the coarser voxel gives
         (``_binned``). ``dtype``: of the map (float32: rounded once from the float64 sums, as a cast of the
         float64 map would be). ``complete``: the box as it will be once every frame has arrived, the missing
-        ones counting as zero so far (each voxel divided by the pixels of the whole scan that reach it; with
-        ``allow_partial``, by those of the frames received): the box is final if no frame still to come adds
-        to it. Returns the map and where the box lies (in fine voxels).
+        ones counting as zero so far (each voxel divided by the pixels of the whole scan that reach it, where
+        ``allow_partial`` alone divides by those of the frames received): the box is final if no frame still
+        to come adds to it. Returns the map and where the box lies (in fine voxels).
         """
         mapping = state.mapping
         _check_open(state)

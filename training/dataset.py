@@ -169,7 +169,7 @@ class DatasetWriter:
     """
 
     def __init__(self, path, n_patterns: int, n_configurations: int, cfg: SimulationConfig, seed: int,
-                 *, resume: bool = True):
+                 *, resume: bool = True, simulator_version: str | None = None):
         import h5py
 
         self.path = Path(path)
@@ -178,7 +178,8 @@ class DatasetWriter:
         self.cfg = cfg
         self._next = 0
         run = {"simulator_config": cfg.to_json(), "seed": int(seed), "n_patterns": self.n_patterns,
-               "n_configurations": int(n_configurations), "format_version": FORMAT_VERSION}
+               "n_configurations": int(n_configurations), "format_version": FORMAT_VERSION,
+               "simulator_version_of_progress": str(simulator_version)}  # no patterns of two simulators in a file
         if resume and self.partial.exists():
             self._reopen(run)
             return
@@ -270,7 +271,7 @@ class DatasetWriter:
         f.attrs["classes"] = list(CLASSES)
         f.attrs["simulator_version"] = simulator_version
         f.attrs["defectscope_version"] = __version__
-        del f["_progress"], f.attrs["written"]
+        del f["_progress"], f.attrs["written"], f.attrs["simulator_version_of_progress"]
         f.close()
         os.replace(self.partial, self.path)
         return self.path

@@ -54,7 +54,8 @@ def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = N
     sizes = configuration_sizes(n_patterns, cfg.orientations_per_configuration)
     split_conf = split_per_configuration(cfg, seed, len(sizes))
     split = np.repeat(split_conf, sizes)
-    writer = DatasetWriter(out_path, n_patterns, len(sizes), cfg, seed, resume=resume)
+    writer = DatasetWriter(out_path, n_patterns, len(sizes), cfg, seed, resume=resume,
+                           simulator_version=simulator.SIMULATOR_VERSION)
     start = int(np.searchsorted(np.cumsum([0, *sizes]), writer.written))  # whole configurations are written
     bar = _progress_bar(n_patterns, progress)
     bar.update(writer.written)
