@@ -27,7 +27,7 @@ from defectscope.preprocessing.frames import CANONICAL_AXES
 from defectscope.preprocessing.geometry import geometry_from_dict
 from defectscope.preprocessing.loaders import load_map, open_under_root
 from defectscope.preprocessing.orthonormalise import Orthonormaliser
-from defectscope.preprocessing.pipeline import Preparation, prepare_each
+from defectscope.preprocessing.pipeline import Preparation, prepare_each, source_extent
 from defectscope.preprocessing.scan_prepare import prepare_scan
 from defectscope.preprocessing.scans import load_hdf5_scan
 from defectscope.preprocessing.validate import amplitude_to_intensity
@@ -382,9 +382,14 @@ class Classifier:
 
     def scan_window(self) -> int:
         """Voxels per axis of the box cut around the peak of a gridded scan (Orthonormaliser.finish_window):
-        1.5x the model's window, room for the centring margins and a resampling factor down to 0.83
-        (oversampling 4.8); a map that needs more is re-cut larger (``_prepare_scan``)."""
-        return int(math.ceil(1.5 * max(self.predictor.pipeline.shape)))
+        what the preparation reads of a map in the trained range (the window and its centring margins,
+        ``source_extent`` at factor 1); with the sampling check, whose variants read further, 1.5x the
+        model's window (a resampling factor down to 0.83). A map that needs more is re-cut larger
+        (``_prepare_scan``)."""
+        shape = self.predictor.pipeline.shape
+        if not self.sampling_check:
+            return int(source_extent(shape, 1.0).max())
+        return int(math.ceil(1.5 * max(shape)))
 
     def _scan_volume(self, state, gridding_ms: float, intensity: str = "counts", ahead: bool = False, box=None):
         """Volumes, prepare() arguments, warnings and orthonormalisation ms of a gridded scan; only a box

@@ -60,3 +60,24 @@ def test_block_sums_made_at_the_end_place_the_same_box(synthetic_scan):
     np.testing.assert_allclose(later.block_total, kept.block_total, rtol=1e-12, atol=1e-9)
     assert where_a == where_b
     np.testing.assert_array_equal(a.volume, b.volume)
+
+
+def test_measured_scan_without_sampling_check_is_prepared_from_the_smaller_box_as_from_the_grid(predictor):
+    """Without the sampling check the first box is only what the preparation reads in the trained range
+    (82 voxels for a 64^3 model); on the measured 34-ID-C scan (grid 244 x 155 x 256) it gives the map of
+    the whole grid."""
+    from defectscope.server.demo import load_measured_scan
+
+    measured = load_measured_scan()
+    if measured is None:
+        pytest.skip("../shared/data (APS 34-ID-C scan) not present")
+    frames, geometry, mask = measured
+    classifier = Classifier(predictor, sampling_check=False)
+    assert classifier.scan_window() < Classifier(predictor).scan_window()
+    outcome = classifier.classify(Request(op="classify", request_id="scan-lean", header={}, kind="scan", array=frames,
+                                          mask=mask, spec={"geometry": geometry}, options={"return_prepared": True}))
+    served = np.frombuffer(outcome.frames[0], dtype="<f4").reshape(predictor.pipeline.shape)
+    whole = Orthonormaliser()(frames, geometry, mask=mask)
+    expected = prepare(whole.volume, predictor.pipeline, axes=CANONICAL_AXES, voxel_size=list(whole.voxel_size))
+    np.testing.assert_array_equal(served, expected.array)
+    assert outcome.reply["preparation"]["scan_window"]["window_shape"][0] < whole.volume.shape[0]
