@@ -183,6 +183,10 @@ class Preparation:
         """The oversampling estimate (per axis, overall); reads ``window`` only. Whether each axis was
         resolved is kept for ``finish`` (which runs after this returns, also when this ran in a thread)."""
         per_axis, overall, self._sampling = estimate_oversampling(self.window, self.config, details=True)
+        # The report's two passes over the whole map, here too: on the server's helper thread they are
+        # off the path to the answer (nothing writes into the map after ``__init__``).
+        work = self._input[4]
+        self._totals = float(work.max()), float(work.sum(dtype=np.float64))
         return per_axis, overall
 
     def sampling_variants(self, per_axis) -> tuple[tuple[float, ...], np.ndarray | None]:
@@ -238,6 +242,7 @@ class Preparation:
         peak, source = self.peak, self.source
         sampling = getattr(self, "_sampling", None) or {"resolved": [True] * 3, "confidence": [None] * 3,
                                                         "peak_width_voxels": [None] * 3, "method": None}
+        max_counts, total_counts = getattr(self, "_totals", None) or (float(work.max()), float(work.sum(dtype=np.float64)))
         undetermined = undetermined_warning(sampling, config)
         if undetermined is not None:
             warnings.append(undetermined)
@@ -248,8 +253,8 @@ class Preparation:
             "frame": source.info,
             "masked_voxels": masked,
             "masked_fraction": masked / size,
-            "max_counts": float(work.max()),
-            "total_counts": float(work.sum(dtype=np.float64)),
+            "max_counts": max_counts,
+            "total_counts": total_counts,
             "peak_index": self.peak_index.tolist(),
             "peak_centre": [round(c + o, 3) for c, o in zip(peak.centre, source.origin.tolist())],
             "peak_counts": peak.counts,
