@@ -38,6 +38,19 @@ def register(sub) -> None:
     register_train(sub)
 
 
+def _stop_cleanly() -> None:
+    """SIGTERM (a session's or a scheduler's end) and SIGINT stop a simulation as ^C does, between two
+    writes: the partial file is closed with the configurations so far, and the same command resumes it.
+    (A job started in the background by a shell ignores SIGINT unless told otherwise: it is told here.)"""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cmd_simulate(args) -> int:
     from pathlib import Path
 
@@ -73,6 +86,7 @@ def cmd_simulate(args) -> int:
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.force:
         print(f"resuming the interrupted run in {partial}", flush=True)
+    _stop_cleanly()
     path = simulate_dataset(args.n, out, cfg, seed=args.seed, workers=workers, scheduler=args.scheduler,
                             progress=not args.no_progress, resume=not args.force)
     print(f"wrote {args.n} patterns to {path}")
