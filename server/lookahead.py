@@ -52,7 +52,7 @@ class Ahead:
     decode_ms: float  # the stream's decoding and gridding when it was made
     gridding_ms: float
     where: dict  # the first box (``finish_window``'s ``where``)
-    local: np.ndarray  # int64 per voxel rank: its flat index in the first box, -1 outside it (and the spare bin)
+    local: np.ndarray  # int32 per voxel rank: its flat index in the first box, -1 outside it (and the spare bin)
     sums: np.ndarray  # float64, the first box: the grid's sums there, the frames added since included
     inverse: np.ndarray  # float64, the first box: 1 / pixels of the whole scan reaching each voxel (0: none)
     voxel_size: list
@@ -134,8 +134,8 @@ def look_ahead(classifier, stream) -> bool:
     where = kw["scan"][1]
     mapping = state.mapping
     ranks = mapping.rank_grid[_box_index(where)]
-    local = np.full(mapping.spare + 1, -1, dtype=np.int64)
-    local[ranks.ravel()] = np.arange(ranks.size)
+    local = np.full(mapping.spare + 1, -1, dtype=np.int32)  # a box holds far fewer than 2**31 voxels
+    local[ranks.ravel()] = np.arange(ranks.size, dtype=np.int32)
     local[mapping.spare] = -1
     stream.ahead = Ahead(
         outcome, tuple(where["window_centre"]), voxels_read(mapping, [where, outcome.reply["preparation"]["scan_window"]]),
