@@ -267,19 +267,22 @@ def test_a_dask_run_does_not_need_port_8787(tmp_path):
         blocker.close()
 
 
-def test_an_interrupted_run_resumes_after_its_last_configuration(tmp_path, noisy_dataset, monkeypatch):
-    from defectscope.errors import BadMessage
+def stop_after(monkeypatch, patterns: int) -> None:
+    """Make the next simulation stop (as a ^C or a session's end would) once ``patterns`` are written."""
     from defectscope.training.dataset import DatasetWriter
 
-    write, written = DatasetWriter.write, []
+    write = DatasetWriter.write
 
-    def stopped_after_two(self, result):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # as a ^C or a session's end would stop it
-        written.append(result.index)
+    def stopping(self, result):
+        if self.written >= patterns:
+            raise KeyboardInterrupt
         write(self, result)
 
-    monkeypatch.setattr(DatasetWriter, "write", stopped_after_two)
+    monkeypatch.setattr(DatasetWriter, "write", stopping)
+
+
+def test_an_interrupted_run_resumes_after_its_last_configuration(tmp_path, noisy_dataset, monkeypatch):
+    stop_after(monkeypatch, 6)  # two configurations of three orientations
     out = tmp_path / "resumed.h5"
     with pytest.raises(KeyboardInterrupt):
         simulate_dataset(14, out, NOISY, seed=11, workers=1, progress=False)
@@ -311,16 +314,7 @@ def test_an_interrupted_run_resumes_after_its_last_configuration(tmp_path, noisy
 
 def test_a_run_stopped_on_one_worker_resumes_on_dask_workers(tmp_path, monkeypatch):
     pytest.importorskip("distributed")
-    from defectscope.training.dataset import DatasetWriter
-
-    write = DatasetWriter.write
-
-    def stopped_after_one(self, result):
-        if self.written:
-            raise KeyboardInterrupt
-        write(self, result)
-
-    monkeypatch.setattr(DatasetWriter, "write", stopped_after_one)
+    stop_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         simulate_dataset(10, tmp_path / "r.h5", FAST, seed=3, workers=1, progress=False)
     monkeypatch.undo()

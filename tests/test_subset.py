@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from defectscope.errors import BadMessage
-from defectscope.training.dataset import PARAMETERS, DatasetWriter
+from defectscope.training.dataset import PARAMETERS
 from defectscope.training.map_files import open_map_file
 from defectscope.training.runner import simulate_dataset
 from defectscope.training.sim_config import SimulationConfig
 from defectscope.training.subset import main, write_subset
+
+from test_sim_dataset import stop_after
 
 CFG = SimulationConfig(orientations_per_configuration=2, gap_probability=0.5)  # masks: some chunks allocated
 
@@ -42,14 +44,7 @@ def test_a_finished_dataset_subset_is_a_dataset_of_those_configurations(tmp_path
 
 
 def test_a_partial_dataset_gives_what_it_has_written(tmp_path, monkeypatch):
-    write = DatasetWriter.write
-
-    def stopped_after_three(self, result):
-        if self.written == 6:
-            raise KeyboardInterrupt
-        write(self, result)
-
-    monkeypatch.setattr(DatasetWriter, "write", stopped_after_three)
+    stop_after(monkeypatch, 6)  # three configurations of two orientations
     with pytest.raises(KeyboardInterrupt):
         simulate_dataset(12, tmp_path / "d.h5", CFG, seed=3, workers=1, progress=False)
     monkeypatch.undo()
