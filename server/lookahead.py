@@ -99,12 +99,13 @@ def should_look(stream) -> bool:
     n = len(stream.state.received)
     if received == n or received < MIN_FRACTION * n:
         return False
-    if stream.ahead is None:
-        return received != stream.ahead_tried_at
-    # The answer (or its kept box) stands while the peak stays; once it moved, look again, at most every
-    # ``RELOOK_FRACTION`` of the frames (the peak's centre can move a voxel with each frame while it passes).
-    if received - stream.ahead_tried_at < max(1, RELOOK_FRACTION * n):
+    # At most one look every ``RELOOK_FRACTION`` of the frames: the peak's centre can move a voxel with each
+    # frame while it passes, and a look that found no answer yet (no peak so far) is not tried at every frame.
+    if stream.ahead_tried_at >= 0 and received - stream.ahead_tried_at < max(1, RELOOK_FRACTION * n):
         return False
+    if stream.ahead is None:
+        return True
+    # The answer (or its kept box) stands while the peak stays; once it moved, look again.
     if not stream.ahead.holds and not stream.ahead.touched_last:
         return True  # frames no longer land in it: the next answer may hold to the end
     return tuple(peak_voxel(stream.state).tolist()) != stream.ahead.centre
