@@ -141,13 +141,13 @@ def data_passes(volume: np.ndarray) -> None:
     from defectscope.preprocessing.centring import _block_maxima
 
     work = np.array(volume, dtype=np.float32, order="C", copy=True)
-    low, high = work.min(), work.max()
+    work.min()
+    high = work.max()
     _block_maxima(work, 4)
     np.flatnonzero(work > 0.01 * high)
     np.einsum("ijk->jk", work), np.einsum("ijk->i", work)
     window = work.copy()
     np.divide(window, np.float32(window.max()), out=window)
-    return low
 
 
 def _time(fn, n: int) -> float:

@@ -41,12 +41,13 @@ def write_subset(data, first: int, stop: int, out, split: str = "test") -> Path:
         if not 0 <= first < stop <= len(sizes):
             raise BadMessage(f"configurations {first}:{stop} outside 0:{len(sizes)}")
         lo, hi = int(ends[first]), int(ends[stop])
-        store = src["_progress"] if "_progress" in src else src
-        written = int(src.attrs["written"]) if "_progress" in src else int(src.attrs["n_patterns"])
+        partial = "_progress" in src  # still being written: labels and parameters kept in its progress record
+        written = int(src.attrs["written"] if partial else src.attrs["n_patterns"])
         if hi > written:
             raise BadMessage(f"{str(data)!r} holds {written} patterns so far; configuration {stop - 1} ends at {hi}")
-        labels = store["labels"][lo:hi]
-        params = {name: (store if store is not src else src["parameters"])[name][lo:hi] for name in PARAMETERS}
+        labels = (src["_progress"] if partial else src)["labels"][lo:hi]
+        group = src["_progress"] if partial else src["parameters"]
+        params = {name: group[name][lo:hi] for name in PARAMETERS}
         with h5py.File(out, "w") as dst:
             for name in ("counts", "mask"):
                 s = src[name]
