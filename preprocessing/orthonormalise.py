@@ -360,7 +360,8 @@ class Orthonormaliser:
         complete = complete or state.received.all()
         inverse = self._inverse(state) if complete else _inverse_counts(mapping, state.mask, state.received)
         if np.any(step > 1):
-            volume = _binned(np.take(state.total, ranks), np.take(inverse, ranks), step).astype(dtype, copy=False)
+            index = ranks.astype(np.intp)  # native width once, for both gathers (see ``_gather_mean``)
+            volume = _binned(np.take(state.total, index), np.take(inverse, index), step).astype(dtype, copy=False)
         else:
             volume = _gather_mean(state.total, inverse, ranks, dtype)
             if not state.total[mapping.spare] >= 0:  # voxels no pixel reaches are 0, never -0.0 (or NaN)
