@@ -8,7 +8,8 @@ classified by every model given (default: both bundled models):
 
 - ``aps34idc`` (the measured 34-ID-C Au(111) raw scan): gridded by the product's orthonormaliser at 1x, 2x
   and 3x the server's voxel; cropped to 128^3 and 96^3 around the peak and to an off-centre 96^3 box;
-  with a detector chip-gap mask (6-pixel rows and columns, as Maxipix / Timepix quads) added to its own;
+  and the raw scan as sent to a server (which grids it itself), with its own mask and with a detector chip-gap
+  mask (6-pixel rows and columns, as Maxipix / Timepix quads) added to it;
 - ``sixs`` (the measured SixS Pt scan, detector-frame CXI with its mask): orthonormalised with the
   ``soleil-sixs`` preset and the author's angles, at 1x, 2x, 3x, the same crops;
 - ``cdinn`` (the 3D-CDI-NN 64^3 counts, in the orientation of its amplitude ``.npy``): summed 1x, 2x, 3x
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,6 +44,15 @@ SIXS_GEOMETRY = {"preset": "soleil-sixs", "energy_eV": 8300.0, "distance_m": 1.2
 
 
 # -- variants ---------------------------------------------------------------------------------------
+class RawScan(NamedTuple):
+    """A variant sent as a raw scan (``classify_scan``): the server grids it and knows which voxels its mask
+    left unmeasured."""
+
+    frames: np.ndarray
+    geometry: dict
+    mask: np.ndarray | None
+
+
 def binned(volume: np.ndarray, k: int) -> np.ndarray:
     """Sum k x k x k blocks (a map gridded at k times the voxel size)."""
     if k == 1:
@@ -103,9 +114,9 @@ def scan_variants(frames, geometry: dict, mask, name: str):
     for size, shift in ((128, (0, 0, 0)), (96, (0, 0, 0)), (96, (8, -6, 5))):
         out.append((f"{name} crop {size}" + (f" shifted {list(shift)}" if any(shift) else ""), box(base, size, shift), voxel))
     gaps = gap_mask(frames.shape)
-    masked = gaps if mask is None else (gaps | np.asarray(mask, bool))
-    q = ortho(frames, geom, mask=masked)
-    out.append((f"{name} chip gaps masked", q.volume.astype(np.float32), [float(v) for v in q.voxel_size]))
+    out.append((f"{name} sent raw", RawScan(frames, geometry, mask), None))
+    out.append((f"{name} sent raw, chip gaps masked",
+                RawScan(frames, geometry, gaps if mask is None else (gaps | np.asarray(mask, bool))), None))
     return out
 
 
@@ -146,11 +157,14 @@ def datasets() -> dict:
 
 # -- classification ---------------------------------------------------------------------------------
 def classify(classifier, volume, voxel) -> dict:
-    """The serving path's answer (``server.core.Classifier``, sampling check on) for one map."""
+    """The serving path's answer (``server.core.Classifier``, sampling check on) for one map or raw scan."""
     from defectscope.errors import DefectscopeError
 
     try:
-        reply = classifier.classify_map(np.ascontiguousarray(volume), voxel_size=voxel, request_id="invariance").reply
+        if isinstance(volume, RawScan):
+            reply = classifier.classify_scan(volume.frames, volume.geometry, mask=volume.mask, request_id="invariance").reply
+        else:
+            reply = classifier.classify_map(np.ascontiguousarray(volume), voxel_size=voxel, request_id="invariance").reply
     except DefectscopeError as exc:
         return {"error": f"{exc.reason}: {exc.message}"}
     prep = reply["preparation"]
