@@ -181,6 +181,27 @@ def test_one_and_two_dask_workers_give_identical_datasets(tmp_path):
     assert sha256(one) == sha256(two)
 
 
+def test_one_split_of_a_run_holds_its_patterns_in_order_on_any_workers(tmp_path):
+    pytest.importorskip("distributed")
+    cfg = FAST.replace(split_fractions=(0.5, 0.2, 0.3))
+    full = simulate_dataset(24, tmp_path / "full.h5", cfg, seed=5, workers=1, progress=False)
+    with SimulatedDataset(full) as ds:
+        test = ds.indices("test")
+        assert 0 < len(test) < 24 and np.any(np.diff(test) > 1)  # a test split with gaps between its configurations
+        counts, labels, params = ds.counts[test], ds.labels[test], ds.parameters()
+    for workers in (1, 2):
+        part = simulate_dataset(24, tmp_path / f"test{workers}.h5", cfg, seed=5, workers=workers, progress=False,
+                                only_split="test")
+        with SimulatedDataset(part) as ds:
+            assert np.array_equal(ds.counts[()], counts) and np.array_equal(ds.labels, labels)
+            assert np.array_equal(ds.indices("test"), np.arange(len(test)))
+            assert np.array_equal(ds.parameters()["configuration_index"], params["configuration_index"][test])
+        with h5py.File(part) as f:
+            assert f.attrs["only_split"] == "test" and f.attrs["n_patterns_of_run"] == 24
+    with pytest.raises(ValueError, match="only_split"):
+        simulate_dataset(24, tmp_path / "bad.h5", cfg, seed=5, workers=1, progress=False, only_split="tests")
+
+
 @pytest.mark.slow
 def test_large_crystals_with_every_option_are_identical_on_one_and_two_workers(tmp_path):
     pytest.importorskip("distributed")

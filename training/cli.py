@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--unrelaxed-twin", action="store_true",
                    help="build the configurations the config relaxes unrelaxed instead (same plan, same draws, the "
                         "potential's lattice constant): the twin dataset for a relaxed-vs-unrelaxed evaluation")
+    p.add_argument("--only-split", choices=("train", "validation", "test"), default=None,
+                   help="only the configurations of this split of the --n run, the same patterns in the same order "
+                        "(e.g. with --unrelaxed-twin: the twin of a test split)")
     p.add_argument("--force", action="store_true",
                    help="overwrite --out if it exists, and start over rather than resume an interrupted run "
                         "(<out>.partial)")
@@ -88,6 +91,6 @@ def cmd_simulate(args) -> int:
         print(f"resuming the interrupted run in {partial}", flush=True)
     _stop_cleanly()
     path = simulate_dataset(args.n, out, cfg, seed=args.seed, workers=workers, scheduler=args.scheduler,
-                            progress=not args.no_progress, resume=not args.force)
-    print(f"wrote {args.n} patterns to {path}")
+                            progress=not args.no_progress, resume=not args.force, only_split=args.only_split)
+    print(f"wrote {'the ' + args.only_split + ' split of ' if args.only_split else ''}{args.n} patterns to {path}")
     return 0

@@ -169,7 +169,7 @@ class DatasetWriter:
     """
 
     def __init__(self, path, n_patterns: int, n_configurations: int, cfg: SimulationConfig, seed: int,
-                 *, resume: bool = True, simulator_version: str | None = None):
+                 *, resume: bool = True, simulator_version: str | None = None, subset: dict | None = None):
         import h5py
 
         self.path = Path(path)
@@ -179,7 +179,8 @@ class DatasetWriter:
         self._next = 0
         run = {"simulator_config": cfg.to_json(), "seed": int(seed), "n_patterns": self.n_patterns,
                "n_configurations": int(n_configurations), "format_version": FORMAT_VERSION,
-               "simulator_version_of_progress": str(simulator_version)}  # no patterns of two simulators in a file
+               "simulator_version_of_progress": str(simulator_version),  # no patterns of two simulators in a file
+               **(subset or {})}  # the configurations of one split of a larger run (``runner.simulate_dataset``)
         if resume and self.partial.exists():
             self._reopen(run)
             return

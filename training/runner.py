@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from defectscope.training import simulator
-from defectscope.training.dataset import DatasetWriter, assign_splits, encode_chunks
+from defectscope.training.dataset import SPLITS, DatasetWriter, assign_splits, encode_chunks
 from defectscope.training.sim_config import SimulationConfig
 
 
@@ -40,12 +40,13 @@ def split_per_configuration(cfg: SimulationConfig, seed: int, n_configurations: 
 
 def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = None, seed: int = 0,
                      workers: int = 1, scheduler: str | None = None, progress: bool = True,
-                     window: int | None = None, resume: bool = True) -> Path:
+                     window: int | None = None, resume: bool = True, only_split: str | None = None) -> Path:
     """Simulate ``n_patterns`` patterns into ``out_path`` (HDF5, ``dataset`` layout); returns the path.
 
     A run stopped before the end leaves ``<out>.partial``; the same call picks up after its last whole
     configuration (``DatasetWriter``), giving the same bytes as an uninterrupted run (``resume=False``:
-    start over)."""
+    start over). ``only_split`` ("train", "validation" or "test"): only the configurations of that split of
+    the ``n_patterns`` run, the same patterns in the same order (e.g. the unrelaxed twin of a test split)."""
     cfg = cfg or SimulationConfig()
     if n_patterns < 1:
         raise ValueError("--n must be at least 1")
@@ -53,20 +54,27 @@ def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = N
         raise ValueError("--workers must be at least 1")
     sizes = configuration_sizes(n_patterns, cfg.orientations_per_configuration)
     split_conf = split_per_configuration(cfg, seed, len(sizes))
-    split = np.repeat(split_conf, sizes)
-    writer = DatasetWriter(out_path, n_patterns, len(sizes), cfg, seed, resume=resume,
-                           simulator_version=simulator.SIMULATOR_VERSION)
-    start = int(np.searchsorted(np.cumsum([0, *sizes]), writer.written))  # whole configurations are written
-    bar = _progress_bar(n_patterns, progress)
+    indices = list(range(len(sizes)))
+    if only_split is not None:
+        if only_split not in SPLITS:
+            raise ValueError(f"only_split must be one of {list(SPLITS)}, got {only_split!r}")
+        indices = [int(i) for i in np.flatnonzero(split_conf == SPLITS.index(only_split))]
+    chosen = [sizes[i] for i in indices]
+    split = np.repeat(split_conf[indices], chosen)
+    subset = None if only_split is None else {"only_split": only_split, "n_patterns_of_run": int(n_patterns)}
+    writer = DatasetWriter(out_path, sum(chosen), len(indices), cfg, seed, resume=resume,
+                           simulator_version=simulator.SIMULATOR_VERSION, subset=subset)
+    start = int(np.searchsorted(np.cumsum([0, *chosen]), writer.written))  # whole configurations are written
+    bar = _progress_bar(sum(chosen), progress)
     bar.update(writer.written)
     try:
         if scheduler is None and workers == 1:
-            results = (simulator.simulate_configuration(cfg, seed, i, sizes[i]) for i in range(start, len(sizes)))
+            results = (simulator.simulate_configuration(cfg, seed, i, sizes[i]) for i in indices[start:])
             for result in results:
                 writer.write(result)
                 bar.update(len(result.params["label"]))
         else:
-            for result in _dask_results(cfg, seed, sizes, workers, scheduler, window, start):
+            for result in _dask_results(cfg, seed, sizes, workers, scheduler, window, indices[start:]):
                 writer.write(result)
                 bar.update(len(result.params["label"]))
         return writer.finish(split, simulator.SIMULATOR_VERSION)
@@ -94,8 +102,8 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _dask_results(cfg: SimulationConfig, seed: int, sizes: list[int], workers: int, scheduler: str | None,
-                  window: int | None, start: int = 0):
-    """Yield configuration results in index order from ``start``, computed on a Dask cluster."""
+                  window: int | None, indices: list[int]):
+    """Yield the results of configurations ``indices`` (ascending) in that order, computed on a Dask cluster."""
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -115,23 +123,23 @@ def _dask_results(cfg: SimulationConfig, seed: int, sizes: list[int], workers: i
         # Keys name the config too, so two different runs sharing a cluster never share results.
         tag = hashlib.sha256(f"{config_json}{seed}".encode()).hexdigest()[:12]
         futures = as_completed()
-        submitted = start
+        submitted = 0  # positions in ``indices``
         done: dict[int, object] = {}
-        next_index = start
-        while next_index < len(sizes):
+        position = 0
+        while position < len(indices):
             # Never run more than n_slots configurations ahead of the next one to write: memory stays bounded
             # even when one configuration is much slower than the others.
-            while submitted < len(sizes) and submitted < next_index + n_slots:
-                futures.add(client.submit(_task, config_json, seed, submitted, sizes[submitted],
-                                          key=f"simulate-{tag}-{submitted}", pure=False))
+            while submitted < len(indices) and submitted < position + n_slots:
+                i = indices[submitted]
+                futures.add(client.submit(_task, config_json, seed, i, sizes[i], key=f"simulate-{tag}-{i}", pure=False))
                 submitted += 1
             future = next(futures)
             result = future.result()
             future.release()
             done[result.index] = result
-            while next_index in done:
-                yield done.pop(next_index)
-                next_index += 1
+            while position < len(indices) and indices[position] in done:
+                yield done.pop(indices[position])
+                position += 1
     finally:
         client.close()
         if cluster is not None:
