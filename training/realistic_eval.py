@@ -161,7 +161,10 @@ def main(argv=None) -> int:
             table, probs, p = evaluate_file(model, data, args.split)
             entry["files"][Path(data).name] = table
             if k == 0 and args.twin:
-                twin_probs, _, _ = predict(model, args.twin, split=args.split)
+                twin_probs, _, twin_p = predict(model, args.twin, split=args.split)
+                if not np.array_equal(twin_p["configuration_index"], p["configuration_index"]):
+                    raise SystemExit(f"{args.twin} is not the twin of {data}{' ' + args.split + ' split' if args.split else ''}: "
+                                     "its patterns are of other configurations")
                 entry["relaxed_vs_unrelaxed_twin"] = paired_twin(probs, twin_probs, p, classes)
             print(f"{Path(model).name} {Path(data).name}: {table['all']}", flush=True)
         result["models"][Path(model).stem] = entry
