@@ -75,18 +75,19 @@ def test_update_page_replaces_only_the_bench_block(tmp_path):
 
 
 def test_the_bundled_models_figures_are_of_the_bundled_files():
-    """Every evaluation of the current models in docs/eval/2.0 names, by sha256, the file in model/zoo (a model
-    file changed after its evaluation would leave the docs quoting another model), and each card's
-    ``commands.evaluate`` writes exactly those files."""
+    """Every evaluation a bundled model's card says it was scored by (``commands.evaluate``, in
+    docs/eval/<version>/) exists and names, by sha256, the file in model/zoo (a model file changed after its
+    evaluation would leave the docs quoting another model), and so does every other evaluation file in that
+    version's folder."""
     import hashlib
 
-    evals = sorted((REPO / "docs" / "eval" / "2.0").glob("*class-*.json"))
-    assert len(evals) >= 10
-    for path in evals:
-        model = json.loads(path.read_text())["model"]
-        zoo = REPO / "model" / "zoo" / f"{model['name']}.onnx"
-        assert model["sha256"] == hashlib.sha256(zoo.read_bytes()).hexdigest(), path.name
     for name in ("defectscope-3class", "defectscope-2class"):
-        card = json.loads((REPO / "model" / "zoo" / f"{name}.card.json").read_text())
-        outputs = [c.split("--out ")[1].split()[0] for c in card["commands"]["evaluate"]]
-        assert all((REPO / out).is_file() for out in outputs), outputs
+        zoo = REPO / "model" / "zoo" / f"{name}.onnx"
+        card = json.loads(zoo.with_suffix(".card.json").read_text())
+        outputs = [REPO / c.split("--out ")[1].split()[0] for c in card["commands"]["evaluate"]]
+        assert len(outputs) >= 5 and all(out.is_file() for out in outputs), outputs
+        folder = REPO / "docs" / "eval" / card["version"]
+        assert all(out.parent == folder for out in outputs), outputs
+        for path in sorted(folder.glob(f"{name.split('-')[1]}-*.json")):
+            model = json.loads(path.read_text())["model"]
+            assert model["name"] == name and model["sha256"] == hashlib.sha256(zoo.read_bytes()).hexdigest(), path.name
