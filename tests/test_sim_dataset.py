@@ -200,6 +200,8 @@ def test_one_split_of_a_run_holds_its_patterns_in_order_on_any_workers(tmp_path)
             assert f.attrs["only_split"] == "test" and f.attrs["n_patterns_of_run"] == 24
     with pytest.raises(ValueError, match="only_split"):
         simulate_dataset(24, tmp_path / "bad.h5", cfg, seed=5, workers=1, progress=False, only_split="tests")
+    with pytest.raises(ValueError, match="holds no configuration"):  # one configuration: all in train
+        simulate_dataset(3, tmp_path / "none.h5", cfg, seed=5, workers=1, progress=False, only_split="test")
 
 
 @pytest.mark.slow

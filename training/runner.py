@@ -59,6 +59,8 @@ def simulate_dataset(n_patterns: int, out_path, cfg: SimulationConfig | None = N
         if only_split not in SPLITS:
             raise ValueError(f"only_split must be one of {list(SPLITS)}, got {only_split!r}")
         indices = [int(i) for i in np.flatnonzero(split_conf == SPLITS.index(only_split))]
+        if not indices:
+            raise ValueError(f"the {only_split} split of a {n_patterns}-pattern run holds no configuration")
     chosen = [sizes[i] for i in indices]
     split = np.repeat(split_conf[indices], chosen)
     subset = None if only_split is None else {"only_split": only_split, "n_patterns_of_run": int(n_patterns)}
