@@ -232,15 +232,16 @@ class Orthonormaliser:
         the voxel sums at its call (one pass over the touched voxels) when it has no ``centre``."""
         scan = _Scan(frames, self.limits)
         state = self.start(_bind(geometry, scan.n, scan.shape), mask=mask, grid=grid, blocks=blocks)
-        if not isinstance(scan.frames, np.ndarray) or scan.n < 2 * SLAB_FRAMES:
+        if scan.n < 2 * SLAB_FRAMES:
             for i in range(scan.n):
                 self._add(state, i, scan.frames[i])
             return state
-        # Slabs of frames: their nonzero pixels found on other threads (numpy lets go of the GIL there),
-        # added here in frame order, so every sum gets its additions in the order ``_add`` gives them.
-        for ranks, values in in_order(lambda a: slab_contributions(state, a, scan.frames[a:a + SLAB_FRAMES]),
-                                       range(0, scan.n, SLAB_FRAMES)):
-            add_contributions(state, ranks, values)
+        # Slabs of frames (of an array, or of a list of frames): their nonzero pixels found on other threads
+        # (numpy lets go of the GIL there), added here in frame order, so every sum gets its additions in the
+        # order ``_add`` gives them.
+        for contributed in in_order(lambda a: slab_contributions(state, a, scan.frames[a:a + SLAB_FRAMES]),
+                                    range(0, scan.n, SLAB_FRAMES)):
+            add_contributions(state, *contributed)
         state.received[:] = True
         return state
 

@@ -41,9 +41,22 @@ SLAB_FRAMES = 16
 _THREADS = min(4, os.cpu_count() or 1)
 
 
-def slab_contributions(state, start: int, slab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def slab_contributions(state, start: int, slab) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``contributions`` of frames ``start`` .. ``start + len(slab) - 1`` at once, frame after frame: their
-    nonzero pixels only (the zeros a dense frame adds change no sum)."""
+    nonzero pixels only (the zeros a dense frame adds change no sum), and the coarse block of each (None when
+    the state keeps no block sums), gathered here, on the calling thread, not where they are added. ``slab``:
+    a 3-D array, or a list of 2-D frames (a scan sent one frame per message part), each taken as
+    ``contributions`` takes it."""
+    if isinstance(slab, np.ndarray):
+        ranks, values = _array_slab(state, start, slab)
+    else:
+        parts = [contributions(state, start + k, frame) for k, frame in enumerate(slab)]
+        ranks, values = np.concatenate([r for r, _ in parts]), np.concatenate([v for _, v in parts])
+    blocks = None if state.block_total is None else state.mapping.block_of_rank[ranks]
+    return ranks, values, blocks
+
+
+def _array_slab(state, start: int, slab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = slab.reshape(-1)
     nonzero = np.flatnonzero(flat != 0)  # NaN != 0 is kept
     values = flat[nonzero].astype(np.float64)
@@ -59,10 +72,12 @@ def slab_contributions(state, start: int, slab: np.ndarray) -> tuple[np.ndarray,
     return ranks, values
 
 
-def add_contributions(state, ranks: np.ndarray, values: np.ndarray) -> None:
+def add_contributions(state, ranks: np.ndarray, values: np.ndarray, blocks: np.ndarray | None = None) -> None:
+    """Add values to their voxels' sums (and their coarse blocks', ``blocks`` as ``slab_contributions`` gives
+    them, or gathered here)."""
     np.add.at(state.total, ranks, values)
     if state.block_total is not None:
-        np.add.at(state.block_total, state.mapping.block_of_rank[ranks], values)
+        np.add.at(state.block_total, state.mapping.block_of_rank[ranks] if blocks is None else blocks, values)
 
 
 def in_order(work, items, ahead: int = 2 * _THREADS):

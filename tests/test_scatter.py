@@ -39,13 +39,15 @@ def cases():
     return geometry, [(frames, None), (frames, mask2), (dense, mask3), (exact64, None)]
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["array", "list of frames"])
 @pytest.mark.parametrize("case", range(4))
-def test_slabs_on_threads_give_the_frame_by_frame_sums_bit_for_bit(case):
+def test_slabs_on_threads_give_the_frame_by_frame_sums_bit_for_bit(case, as_list):
+    """A scan sent one frame per message part arrives as a list of frames: it takes the slab path too."""
     geometry, all_cases = cases()
     frames, mask = all_cases[case]
     assert len(frames) >= 2 * scatter.SLAB_FRAMES  # the slab path is the one taken
     ortho = Orthonormaliser()
-    whole = ortho.accumulate(frames, geometry, mask=mask)
+    whole = ortho.accumulate(list(frames) if as_list else frames, geometry, mask=mask)
     each = frame_by_frame(ortho, frames, geometry, mask)
     np.testing.assert_array_equal(whole.total, each.total)
     np.testing.assert_array_equal(whole.block_total, each.block_total)
@@ -60,6 +62,8 @@ def test_a_non_finite_frame_is_named_as_frame_by_frame():
     ortho = Orthonormaliser()
     with pytest.raises(NonFinite, match="frame 27 "):
         ortho.accumulate(frames, geometry)
+    with pytest.raises(NonFinite, match="frame 27 "):
+        ortho.accumulate(list(frames), geometry)
     with pytest.raises(NonFinite, match="frame 27 "):
         frame_by_frame(ortho, frames, geometry)
 
