@@ -198,3 +198,21 @@ def test_the_bundled_cards_say_how_their_rule_was_fitted():
     for name in ("defectscope-3class", "defectscope-2class"):
         card = Predictor(resolve_model(name), provider="cpu", warmup=False).card
         assert "--fit" in card["decision"]["command"] and "--calibrate" in card["decision"]["command"]
+
+
+def test_verdict_metrics_count_what_a_beamline_pays_for():
+    from defectscope.training.eval_metrics import verdict_metrics
+
+    classes = ["defect_free", "screw", "edge"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    verdicts = ["defect_free", "uncertain", "defective", "screw", "screw", "edge", "defect_free", "uncertain"]
+    m = verdict_metrics(verdicts, labels, classes)
+    assert m["counts"]["defect_free"] == {"defect_free": 1, "uncertain": 1, "defective": 1, "screw": 1}
+    # "defective, character uncertain" on a defect-free crystal is a false dislocation too
+    assert m["false_dislocated"] == {"n": 4, "count": 2, "rate": 0.5}
+    assert m["missed_dislocation"] == {"n": 4, "count": 1, "rate": 0.25}
+    assert m["wrong_character"] == {"n": 4, "count": 1, "rate": 0.25}
+    assert m["answered"] == {"n": 8, "count": 6, "rate": 0.75}
+    two = verdict_metrics(["defective", "defect_free"], np.array([0, 1]), ["defect_free", "defective"])
+    assert two["false_dislocated"]["rate"] == 1.0 and two["missed_dislocation"]["rate"] == 1.0
+    assert "wrong_character" not in two

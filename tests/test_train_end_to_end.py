@@ -231,6 +231,9 @@ def test_evaluate_cli_writes_json_and_pngs(trained, dataset, tmp_path, capsys):
     assert set(result["by_group"]) >= {"element", "position_mode", "peak_counts_decade"}
     assert 0 <= result["calibration"]["ece"] <= 1
     assert result["two_class"]["n"] == 30
+    verdicts = result["verdicts"]  # what the replies would say: one verdict per scored map
+    assert sum(sum(row.values()) for row in verdicts["counts"].values()) == 30
+    assert verdicts["false_dislocated"]["n"] == sum(verdicts["counts"]["defect_free"].values())
     rob = result["robustness"]
     assert rob["maps"] == 3 and len(rob["rotation"]["random_axis"]["accuracy"]) == len(rob["rotation"]["angles_deg"])
     assert rob["zoom"]["n"] == [3] * len(rob["zoom"]["factors"])

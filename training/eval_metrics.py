@@ -136,6 +136,35 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
             "risk": [round(1 - float(acc[max(int(np.ceil(c * len(acc))) - 1, 0)]), 4) for c in points]}}
 
 
+def verdict_metrics(verdicts, labels: np.ndarray, label_space) -> dict:
+    """What the replies would say (``model.decision.decide``: the model's rule and the preparation's warnings;
+    the server's own checks, sampling sensitivity, the cross-check and OOD, can only add abstentions): the
+    verdicts per true class, and the rates a beamline pays for. ``false_dislocated``: defect-free crystals
+    given a dislocated verdict (screw, edge or defective); ``missed_dislocation``: dislocated crystals given
+    ``defect_free``; ``wrong_character``: a screw answered edge or the reverse; ``answered``: not ``uncertain``."""
+    label_space = list(label_space)
+    counts = {c: {} for c in label_space}
+    for verdict, label in zip(verdicts, labels):
+        row = counts[label_space[int(label)]]
+        row[verdict] = row.get(verdict, 0) + 1
+    dislocated = lambda v: v not in ("defect_free", "uncertain")  # noqa: E731
+
+    def rate(classes, wrong) -> dict:
+        n = sum(sum(counts[c].values()) for c in classes if c in counts)
+        k = sum(m for c in classes if c in counts for v, m in counts[c].items() if wrong(c, v))
+        return {"n": n, "count": k, "rate": round6(k / n) if n else None}
+
+    free = [c for c in label_space if c == "defect_free"]
+    defective = [c for c in label_space if c != "defect_free"]
+    out = {"counts": counts,
+           "false_dislocated": rate(free, lambda c, v: dislocated(v)),
+           "missed_dislocation": rate(defective, lambda c, v: v == "defect_free"),
+           "answered": rate(label_space, lambda c, v: v != "uncertain")}
+    if len(defective) > 1:
+        out["wrong_character"] = rate(defective, lambda c, v: v in defective and v != c)
+    return out
+
+
 def split_metrics(probs: np.ndarray, labels: np.ndarray, label_space, keys: list[dict],
                   reports: list[dict]) -> dict:
     """Every score of one split: ``classification_metrics``, calibration, the 2-class collapse of a 3-class

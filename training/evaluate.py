@@ -42,6 +42,7 @@ from defectscope.training.eval_metrics import (
     group_keys,
     split_metrics,
     summary_metrics,
+    verdict_metrics,
 )
 from defectscope.training.eval_plots import write_plots
 from defectscope.training.eval_robustness import (
@@ -53,6 +54,7 @@ from defectscope.training.eval_robustness import (
 )
 
 from defectscope.errors import BadMessage, DefectscopeError
+from defectscope.model.decision import decide
 
 __all__ = [
     "OFFSET_BINS", "ROTATION_ANGLES_DEG", "TWO_CLASSES", "ZOOM_FACTORS", "accuracy_by_group", "classification_metrics",
@@ -66,6 +68,7 @@ class _Scorer:
 
     def __init__(self, predictor, batch: int = 32):
         self.predictor, self.batch = predictor, batch
+        self.warning_reasons: list[list[str]] = []  # of the last ``run``, one list per scored map
 
     def run(self, items):
         """items: iterable of (volume, mask, frame kwargs, tag) -> (probabilities, tags, reports, refused).
@@ -76,15 +79,17 @@ class _Scorer:
 
         pipeline, mean = self.predictor.pipeline, self.predictor.decision.sampling_mean
         probs, tags, reports, refused = [], [], [], {}
-        xs, pending = [], []  # pending: (tag, report, number of maps in xs)
+        self.warning_reasons = []
+        xs, pending = [], []  # pending: (tag, report, number of maps in xs, warning reasons)
 
         def flush():
             if xs:
                 p = self.predictor.predict(np.stack(xs))
-                ends = np.cumsum([k for _, _, k in pending])
-                probs.append(np.stack([p[e - k:e].mean(axis=0) for e, (_, _, k) in zip(ends, pending)]))
-                tags.extend(t for t, _, _ in pending)
-                reports.extend(r for _, r, _ in pending)
+                ends = np.cumsum([k for _, _, k, _ in pending])
+                probs.append(np.stack([p[e - k:e].mean(axis=0) for e, (_, _, k, _) in zip(ends, pending)]))
+                tags.extend(t for t, _, _, _ in pending)
+                reports.extend(r for _, r, _, _ in pending)
+                self.warning_reasons.extend(w for _, _, _, w in pending)
                 xs.clear()
                 pending.clear()
 
@@ -96,7 +101,7 @@ class _Scorer:
                 continue
             maps = [prepared.array, *(prepared.variants if prepared.variants is not None else [])]
             xs.extend(maps)
-            pending.append((tag, prepared.report, len(maps)))
+            pending.append((tag, prepared.report, len(maps), [w["reason"] for w in prepared.warnings]))
             if len(xs) >= self.batch:
                 flush()
         flush()
@@ -124,11 +129,14 @@ def evaluate_model(model_path, data_paths, *, split: str = "test", seed: int = 0
             raise BadMessage(f"the {split!r} split of {', '.join(str(p) for p in paths)} holds no maps")
         probs, tags, reports, refused = scorer.run(_read(files, meta, f"evaluating {split}", progress))
         labels = np.array([meta[t][2] for t in tags], dtype=np.int64)
+        rule = predictor.decision
+        # Before a 3-class model's answers are collapsed: its rule is fitted on its own probabilities.
+        verdicts = [decide(classes, p, rule, w)["verdict"] for p, w in zip(probs, scorer.warning_reasons)]
         if collapse_model:
             probs, _ = collapse_two_class(probs, np.zeros(len(probs), np.int64), classes)
         metrics = split_metrics(probs, labels, label_space, [meta[t][3] for t in tags], reports)
         metrics["refused"] = refused
-        rule = predictor.decision
+        metrics["verdicts"] = verdict_metrics(verdicts, labels, label_space)
         if rule.calibrated and len(labels):  # the model's own decision rule (model.decision), warnings aside
             confident = probs.max(axis=1) >= rule.threshold
             metrics["decision"] = {"threshold": rule.threshold, "coverage": round(float(confident.mean()), 6),
