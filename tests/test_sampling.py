@@ -228,6 +228,25 @@ def test_crops_around_the_peak_change_nothing(invariance):
                     assert r["probabilities"] == pytest.approx(base[m]["probabilities"], abs=1e-3), (name, variant, m)
 
 
+def test_chip_gaps_off_the_peak_change_no_answer(invariance):
+    """A measured scan sent raw with detector chip gaps where a beamline has them (off the peak; its outer
+    fringes cross them) is answered as without them: same label, probabilities within 0.1, by both models.
+    (Gaps through the peak's core remove it, and are warned PEAK_NEAR_EDGE instead: tests/test_cut.py.)"""
+    from defectscope.training.invariance import GAP_OFFSET
+
+    checked = 0
+    for name, entry in invariance["datasets"].items():
+        gapped = entry["variants"].get(f"{name} sent raw, chip gaps {GAP_OFFSET} pixels from the peak")
+        if gapped is None:
+            continue
+        for m, r in gapped.items():
+            raw = entry["variants"][f"{name} sent raw"][m]
+            assert r["label"] == raw["label"], (name, m)
+            assert r["probabilities"] == pytest.approx(raw["probabilities"], abs=0.1), (name, m)
+            checked += 1
+    assert checked or not SHARED.is_dir()
+
+
 def test_simulated_answers_that_pass_the_checks_are_right(invariance):
     for name, entry in invariance["datasets"].items():
         if not name.startswith("simulated"):
@@ -237,3 +256,21 @@ def test_simulated_answers_that_pass_the_checks_are_right(invariance):
             for m, r in by_model.items():
                 if "label" in r and not set(r["warnings"]) & {"SAMPLING_SENSITIVE", "MODELS_DISAGREE"}:
                     assert (r["label"] == "defect_free") == (truth == "defect_free"), (name, variant, m, r["label"])
+
+
+def test_chip_gaps_off_the_peak_miss_its_brightest_pixel():
+    """The invariance harness's realistic gap variant: 6-pixel gap rows and columns GAP_OFFSET pixels from the
+    brightest pixel of the summed frames (masked pixels left out), towards the larger side of the frame."""
+    from defectscope.training.invariance import GAP_OFFSET, gaps_off_the_peak
+
+    frames = np.zeros((3, 64, 64), np.float32)
+    frames[:, 10, 50] = 100.0
+    frames[:, 40, 5] = 1e6  # a hot pixel, masked
+    mask = np.zeros((64, 64), bool)
+    mask[40, 5] = True
+    gaps = gaps_off_the_peak(frames, mask)
+    rows = np.flatnonzero(gaps[0].all(axis=1))
+    cols = np.flatnonzero(gaps[0].all(axis=0))
+    assert rows.tolist() == list(range(10 + GAP_OFFSET - 3, 10 + GAP_OFFSET + 3))
+    assert cols.tolist() == list(range(50 - GAP_OFFSET - 3, 50 - GAP_OFFSET + 3))  # no room beyond the peak
+    assert not gaps[:, 10, 50].any() and gaps.shape == frames.shape

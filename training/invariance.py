@@ -9,7 +9,8 @@ classified by every model given (default: both bundled models):
 - ``aps34idc`` (the measured 34-ID-C Au(111) raw scan): gridded by the product's orthonormaliser at 1x, 2x
   and 3x the server's voxel; cropped to 128^3 and 96^3 around the peak and to an off-centre 96^3 box;
   and the raw scan as sent to a server (which grids it itself), with its own mask and with a detector chip-gap
-  mask (6-pixel rows and columns, as Maxipix / Timepix quads) added to it;
+  mask (6-pixel rows and columns, as Maxipix / Timepix quads) added to it: through the middle of the frames
+  (through the peak, the worst case) and ``GAP_OFFSET`` pixels from the peak (where a beamline's gaps are);
 - ``sixs`` (the measured SixS Pt scan, detector-frame CXI with its mask): orthonormalised with the
   ``soleil-sixs`` preset and the author's angles, at 1x, 2x, 3x, the same crops;
 - ``cdinn`` (the 3D-CDI-NN 64^3 counts, in the orientation of its amplitude ``.npy``): summed 1x, 2x, 3x
@@ -82,13 +83,28 @@ def map_variants(volume: np.ndarray, voxel, crops=((128, (0, 0, 0)), (96, (0, 0,
     return out
 
 
-def gap_mask(shape, width: int = 6) -> np.ndarray:
-    """Detector chip gaps: ``width``-pixel rows and columns through the middle of every frame."""
+# Where the chip gaps of the "off the peak" variant lie: this many pixels from the peak's brightest pixel, on
+# both detector axes. A beamline puts the Bragg peak on a chip, away from its gaps; its outer fringes still cross them.
+GAP_OFFSET = 20
+
+
+def gap_mask(shape, width: int = 6, centre=None) -> np.ndarray:
+    """Detector chip gaps: ``width``-pixel rows and columns through ``centre`` (row, column) of every frame,
+    the middle of the frame by default."""
     mask = np.zeros(shape, bool)
-    r, c = shape[-2] // 2, shape[-1] // 2
-    mask[..., r - width // 2 : r + width // 2, :] = True
-    mask[..., :, c - width // 2 : c + width // 2] = True
+    r, c = (shape[-2] // 2, shape[-1] // 2) if centre is None else centre
+    mask[..., max(r - width // 2, 0) : r + width // 2, :] = True
+    mask[..., :, max(c - width // 2, 0) : c + width // 2] = True
     return mask
+
+
+def gaps_off_the_peak(frames, mask, offset: int = GAP_OFFSET) -> np.ndarray:
+    """``gap_mask`` with its gaps ``offset`` pixels from the brightest pixel of the scan's summed (unmasked)
+    frames, on both axes (towards the larger side of the frame)."""
+    summed = np.where(mask, 0, frames).sum(axis=0) if mask is not None else frames.sum(axis=0)
+    peak = np.unravel_index(int(np.argmax(summed)), summed.shape)
+    centre = [p + offset if p + offset < n - 1 else p - offset for p, n in zip(peak, summed.shape)]
+    return gap_mask(frames.shape, centre=centre)
 
 
 def scan_variants(frames, geometry: dict, mask, name: str):
@@ -113,10 +129,11 @@ def scan_variants(frames, geometry: dict, mask, name: str):
             base, voxel = q.volume.astype(np.float32), [float(v) for v in q.voxel_size]
     for size, shift in ((128, (0, 0, 0)), (96, (0, 0, 0)), (96, (8, -6, 5))):
         out.append((f"{name} crop {size}" + (f" shifted {list(shift)}" if any(shift) else ""), box(base, size, shift), voxel))
-    gaps = gap_mask(frames.shape)
     out.append((f"{name} sent raw", RawScan(frames, geometry, mask), None))
-    out.append((f"{name} sent raw, chip gaps masked",
-                RawScan(frames, geometry, gaps if mask is None else (gaps | np.asarray(mask, bool))), None))
+    for label, gaps in (("chip gaps masked", gap_mask(frames.shape)),
+                        (f"chip gaps {GAP_OFFSET} pixels from the peak", gaps_off_the_peak(frames, mask))):
+        out.append((f"{name} sent raw, {label}",
+                    RawScan(frames, geometry, gaps if mask is None else (gaps | np.asarray(mask, bool))), None))
     return out
 
 
