@@ -108,7 +108,7 @@ def gaps_off_the_peak(frames, mask, offset: int = GAP_OFFSET) -> np.ndarray:
 
 
 def scan_variants(frames, geometry: dict, mask, name: str):
-    """A raw scan gridded by the product's orthonormaliser at 1x/2x/3x its voxel, crops, and a gap mask."""
+    """A raw scan gridded by the product's orthonormaliser at 1x/2x/3x its voxel, crops, and sent raw with gap masks."""
     from defectscope.preprocessing.geometry import geometry_from_dict
     from defectscope.preprocessing.orthonormalise import Orthonormaliser
     from defectscope.preprocessing.qspace import Grid, natural_grid
