@@ -247,6 +247,20 @@ def test_chip_gaps_off_the_peak_change_no_answer(invariance):
     assert checked or not SHARED.is_dir()
 
 
+def test_the_34idc_scan_gets_one_answer_on_every_grid_crop_and_gap_mask(invariance):
+    """The invariance the sampling issue asks for, on the measured 34-ID-C scan with the bundled models: one label
+    and class probabilities within 0.1 across gridding at 1x/2x/3x, a half-voxel shift, crops, the raw scan sent
+    with its own mask and with chip gaps off the peak. The variant whose gaps cross the peak's core is left out:
+    its data stop next to the peak, and its answer is warned PEAK_NEAR_EDGE and uncertain instead."""
+    entry = invariance["datasets"].get("aps34idc")
+    if entry is None:
+        pytest.skip("the 34-ID-C scan is in ../shared/data")
+    for m, summary in entry["summary"].items():
+        assert summary["peak_not_cut"]["invariant"], (m, summary["peak_not_cut"])
+    cut = entry["variants"]["aps34idc sent raw, chip gaps masked"]
+    assert all("PEAK_NEAR_EDGE" in r["warnings"] and r["decision"] == "uncertain" for r in cut.values())
+
+
 def test_simulated_answers_that_pass_the_checks_are_right(invariance):
     for name, entry in invariance["datasets"].items():
         if not name.startswith("simulated"):
@@ -274,3 +288,16 @@ def test_chip_gaps_off_the_peak_miss_its_brightest_pixel():
     assert rows.tolist() == list(range(10 + GAP_OFFSET - 3, 10 + GAP_OFFSET + 3))
     assert cols.tolist() == list(range(50 - GAP_OFFSET - 3, 50 - GAP_OFFSET + 3))  # no room beyond the peak
     assert not gaps[:, 10, 50].any() and gaps.shape == frames.shape
+
+
+def test_the_summary_leaves_out_only_variants_whose_peak_is_cut():
+    from defectscope.training.invariance import summarise
+
+    row = lambda label, p, warnings=(): {"label": label, "probabilities": p, "warnings": list(warnings)}  # noqa: E731
+    rows = [row("defect_free", [0.95, 0.05]), row("defect_free", [0.90, 0.10]),
+            row("defective", [0.20, 0.80], ["PEAK_NEAR_EDGE"])]
+    summary = summarise(rows)
+    assert summary["labels"] == ["defect_free", "defective"] and not summary["invariant"]
+    assert summary["peak_not_cut"] == {"labels": ["defect_free"], "spread": 0.05, "invariant": True}
+    rows.append(row("defect_free", [0.70, 0.30], ["SAMPLING_SENSITIVE"]))  # warned otherwise: still counted
+    assert summarise(rows)["peak_not_cut"]["spread"] == 0.25

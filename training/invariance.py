@@ -197,18 +197,26 @@ def defective(r: dict) -> bool:
     return r["label"] != "defect_free"
 
 
+def spread_of(rows: list[dict]) -> dict:
+    """Labels and largest class-probability spread of the answered rows (``invariant``: one label, spread <= 0.1)."""
+    if not rows:
+        return {"labels": [], "spread": None, "invariant": False}
+    probs = np.array([r["probabilities"] for r in rows])
+    spread = float((probs.max(0) - probs.min(0)).max())
+    labels = sorted({r["label"] for r in rows})
+    return {"labels": labels, "spread": round(spread, 4), "invariant": len(labels) == 1 and spread <= 0.1}
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Labels and probability spread over the variants (``invariant``: one label, spread <= 0.1), and the
-    answers given without a warning that they are unreliable (``UNRELIABLE``): ``honest`` when those never
-    contradict each other on defect-free vs defective."""
+    """Labels and probability spread over the variants (``invariant``: one label, spread <= 0.1); the same
+    without the variants whose data stop next to the peak (``PEAK_NEAR_EDGE``: a gap or edge across its core,
+    where the answer is warned rather than kept); and the answers given without a warning that they are
+    unreliable (``UNRELIABLE``): ``honest`` when those never contradict each other on defect-free vs defective."""
     ok = [r for r in rows if "label" in r]
     if not ok:
         return {"labels": [], "spread": None, "errors": len(rows)}
-    probs = np.array([r["probabilities"] for r in ok])
-    spread = float((probs.max(0) - probs.min(0)).max())
-    labels = sorted({r["label"] for r in ok})
     unflagged = [r for r in ok if not set(r["warnings"]) & set(UNRELIABLE)]
-    return {"labels": labels, "spread": round(spread, 4), "invariant": len(labels) == 1 and spread <= 0.1,
+    return {**spread_of(ok), "peak_not_cut": spread_of([r for r in ok if "PEAK_NEAR_EDGE" not in r["warnings"]]),
             "unflagged": len(unflagged), "unflagged_labels": sorted({r["label"] for r in unflagged}),
             "honest": len({defective(r) for r in unflagged}) <= 1, "errors": len(rows) - len(ok)}
 
