@@ -293,7 +293,9 @@ def test_chip_gaps_off_the_peak_miss_its_brightest_pixel():
 def test_the_summary_leaves_out_only_variants_whose_peak_is_cut():
     from defectscope.training.invariance import summarise
 
-    row = lambda label, p, warnings=(): {"label": label, "probabilities": p, "warnings": list(warnings)}  # noqa: E731
+    def row(label, p, warnings=()):
+        return {"label": label, "probabilities": p, "warnings": list(warnings)}
+
     rows = [row("defect_free", [0.95, 0.05]), row("defect_free", [0.90, 0.10]),
             row("defective", [0.20, 0.80], ["PEAK_NEAR_EDGE"])]
     summary = summarise(rows)

@@ -147,17 +147,16 @@ def verdict_metrics(verdicts, labels: np.ndarray, label_space) -> dict:
     for verdict, label in zip(verdicts, labels):
         row = counts[label_space[int(label)]]
         row[verdict] = row.get(verdict, 0) + 1
-    dislocated = lambda v: v not in ("defect_free", "uncertain")  # noqa: E731
 
-    def rate(classes, wrong) -> dict:
-        n = sum(sum(counts[c].values()) for c in classes if c in counts)
-        k = sum(m for c in classes if c in counts for v, m in counts[c].items() if wrong(c, v))
+    def rate(classes, wrong) -> dict:  # wrong(true class, verdict)
+        n = sum(sum(counts[c].values()) for c in classes)
+        k = sum(m for c in classes for v, m in counts[c].items() if wrong(c, v))
         return {"n": n, "count": k, "rate": round6(k / n) if n else None}
 
     free = [c for c in label_space if c == "defect_free"]
     defective = [c for c in label_space if c != "defect_free"]
     out = {"counts": counts,
-           "false_dislocated": rate(free, lambda c, v: dislocated(v)),
+           "false_dislocated": rate(free, lambda c, v: v not in ("defect_free", "uncertain")),
            "missed_dislocation": rate(defective, lambda c, v: v == "defect_free"),
            "answered": rate(label_space, lambda c, v: v != "uncertain")}
     if len(defective) > 1:
