@@ -290,7 +290,7 @@ def test_chip_gaps_off_the_peak_miss_its_brightest_pixel():
     assert not gaps[:, 10, 50].any() and gaps.shape == frames.shape
 
 
-def test_the_summary_leaves_out_only_variants_whose_peak_is_cut():
+def test_the_summary_leaves_out_variants_whose_peak_is_cut_then_those_whose_sampling_is_undetermined():
     from defectscope.training.invariance import summarise
 
     def row(label, p, warnings=()):
@@ -303,3 +303,7 @@ def test_the_summary_leaves_out_only_variants_whose_peak_is_cut():
     assert summary["peak_not_cut"] == {"labels": ["defect_free"], "spread": 0.05, "invariant": True}
     rows.append(row("defect_free", [0.70, 0.30], ["SAMPLING_SENSITIVE"]))  # warned otherwise: still counted
     assert summarise(rows)["peak_not_cut"]["spread"] == 0.25
+    rows.append(row("defective", [0.40, 0.60], ["SAMPLING_UNDETERMINED"]))  # a grid too coarse for the fringes
+    summary = summarise(rows)
+    assert summary["peak_not_cut"]["labels"] == ["defect_free", "defective"]
+    assert summary["sampling_determined"] == {"labels": ["defect_free"], "spread": 0.25, "invariant": False}

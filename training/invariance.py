@@ -210,13 +210,17 @@ def spread_of(rows: list[dict]) -> dict:
 def summarise(rows: list[dict]) -> dict:
     """Labels and probability spread over the variants (``invariant``: one label, spread <= 0.1); the same
     without the variants whose data stop next to the peak (``PEAK_NEAR_EDGE``: a gap or edge across its core,
-    where the answer is warned rather than kept); and the answers given without a warning that they are
+    where the answer is warned rather than kept); the same, moreover, without those whose sampling the
+    preparation could not determine (``SAMPLING_UNDETERMINED``: the central peak under a voxel wide on some
+    axis, a grid too coarse to hold the fringes the networks read); and the answers given without a warning that they are
     unreliable (``UNRELIABLE``): ``honest`` when those never contradict each other on defect-free vs defective."""
     ok = [r for r in rows if "label" in r]
     if not ok:
         return {"labels": [], "spread": None, "errors": len(rows)}
     unflagged = [r for r in ok if not set(r["warnings"]) & set(UNRELIABLE)]
-    return {**spread_of(ok), "peak_not_cut": spread_of([r for r in ok if "PEAK_NEAR_EDGE" not in r["warnings"]]),
+    kept = [r for r in ok if "PEAK_NEAR_EDGE" not in r["warnings"]]
+    return {**spread_of(ok), "peak_not_cut": spread_of(kept),
+            "sampling_determined": spread_of([r for r in kept if "SAMPLING_UNDETERMINED" not in r["warnings"]]),
             "unflagged": len(unflagged), "unflagged_labels": sorted({r["label"] for r in unflagged}),
             "honest": len({defective(r) for r in unflagged}) <= 1, "errors": len(rows) - len(ok)}
 
