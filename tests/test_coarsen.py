@@ -85,5 +85,7 @@ def test_a_coarse_file_is_labelled_maps_with_the_coarse_sampling(tmp_path):
         mf.close()
     with pytest.raises(BadMessage, match="split"):
         write_coarse(data, tmp_path / "x.h5", split="nope")
+    with pytest.raises(BadMessage, match="at least 1"):
+        write_coarse(data, tmp_path / "x.h5", n=0)
     with pytest.raises(BadMessage, match="oversampling"):
         write_coarse(data, tmp_path / "x.h5", oversampling=(2.0, 1.0))

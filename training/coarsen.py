@@ -86,6 +86,8 @@ def write_coarse(data, out, *, split: str = "train", n: int = 1000, oversampling
 
     if split not in SPLITS:
         raise BadMessage(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 1:
+        raise BadMessage(f"--n must be at least 1, got {n}")
     as_split = as_split or ("train" if split == "train" else "test")
     lo, hi = (float(v) for v in oversampling)
     if not 0 < lo <= hi:

@@ -212,8 +212,9 @@ def summarise(rows: list[dict]) -> dict:
     without the variants whose data stop next to the peak (``PEAK_NEAR_EDGE``: a gap or edge across its core,
     where the answer is warned rather than kept); the same, moreover, without those whose sampling the
     preparation could not determine (``SAMPLING_UNDETERMINED``: the central peak under a voxel wide on some
-    axis, a grid too coarse to hold the fringes the networks read); and the answers given without a warning that they are
-    unreliable (``UNRELIABLE``): ``honest`` when those never contradict each other on defect-free vs defective."""
+    axis, a grid too coarse to hold the fringes the networks read); and the answers given without a warning
+    that they are unreliable (``UNRELIABLE``): ``honest`` when those never contradict each other on defect-free
+    vs defective."""
     ok = [r for r in rows if "label" in r]
     if not ok:
         return {"labels": [], "spread": None, "errors": len(rows)}
