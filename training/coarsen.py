@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from defectscope.preprocessing.centring import crop_pad
 from defectscope.training.dataset import SPLITS
 
 from defectscope.errors import BadMessage
@@ -56,14 +57,12 @@ def grid_coarser(counts: np.ndarray, mask: np.ndarray | None, factor: float,
     return coarse.astype(np.float32), (hits == 0).reshape(shape).astype(np.uint8)
 
 
-def centred(volume: np.ndarray, shape) -> tuple[np.ndarray, tuple]:
-    """``volume`` at the centre of a zero array of ``shape`` (it must fit)."""
+def centred(volume: np.ndarray, shape) -> np.ndarray:
+    """``volume`` at the centre of a float32 zero array of ``shape`` (it must fit), by ``prepare``'s own
+    ``crop_pad``."""
     if any(v > s for v, s in zip(volume.shape, shape)):
         raise BadMessage(f"a coarse map {volume.shape} does not fit in {tuple(shape)}")
-    out = np.zeros(shape, dtype=volume.dtype)
-    at = tuple(slice((s - v) // 2, (s - v) // 2 + v) for v, s in zip(volume.shape, shape))
-    out[at] = volume
-    return out, at
+    return crop_pad(volume, [s // 2 - (s - v) // 2 for v, s in zip(volume.shape, shape)], shape)
 
 
 def draw_factor(oversampling, lo: float, hi: float, rng: np.random.Generator) -> float:
@@ -109,10 +108,8 @@ def write_coarse(data, out, *, split: str = "train", n: int = 1000, oversampling
                 factors[k] = draw_factor(params["oversampling"][k], lo, hi, rng)
                 origins[k] = rng.uniform(0.0, factors[k], size=3)
                 coarse, cmask = grid_coarser(src["counts"][i], src["mask"][i], factors[k], origins[k])
-                maps[k], at = centred(coarse, shape)
-                padded_mask = np.zeros(shape, dtype=np.uint8)
-                padded_mask[at] = cmask
-                masks[k] = padded_mask
+                maps[k] = centred(coarse, shape)
+                masks[k] = centred(cmask, shape).astype(np.uint8)
             dst.create_dataset("labels", data=src["labels"][()][chosen], track_times=False).attrs["classes"] = \
                 list(src["labels"].attrs["classes"])
             dst.create_dataset("split", data=np.full(len(chosen), SPLITS.index(as_split), dtype=np.uint8),
